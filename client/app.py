@@ -1,0 +1,94 @@
+"""The thorn ClientApp (Flower Message API).
+
+Each handler composes the run's config from the run config (cached per process), builds a
+`BenignClient` or `MaliciousClient` for this node and calls it. Every train reply carries a `truth`
+ConfigRecord (`is-malicious`, `partition-id`) that only the server's run recorder reads.
+
+Who is malicious: in deployment, the node's `--node-config malicious=true|false` decides; otherwise
+`attack.malicious_ids`, or a seeded draw of `attack.fraction` of the clients.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from client.clients import BenignClient, MaliciousClient
+from task.config import ConfigError, compose_config, resolve_device
+from task.data import federated_data
+from task.partition import malicious_client_ids
+
+app = ClientApp()
+
+
+def node_config_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"node config malicious={value!r} is invalid; allowed: true, false")
+
+
+def run_config_of(context: Context) -> DictConfig:
+    rc = context.run_config
+    return compose_config(str(rc.get("overrides", "")), str(rc.get("config-name", "config")))
+
+
+def is_malicious(cfg: DictConfig, partition_id: int, node_config) -> bool:
+    if "malicious" in node_config:  # deployment: the node's own configuration wins
+        return node_config_bool(node_config["malicious"])
+    ids = malicious_client_ids(cfg.num_clients, float(cfg.attack.fraction), cfg.attack.malicious_ids, cfg.seed)
+    return partition_id in ids
+
+
+def make_client(cfg: DictConfig, context: Context, state_keys: list[str]) -> BenignClient:
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config.get("num-partitions", cfg.num_clients))
+    if num_partitions != cfg.num_clients:
+        raise ConfigError(f"num_clients={cfg.num_clients} but this node says num-partitions={num_partitions}; "
+                          "they must match")
+    if not 0 <= partition_id < cfg.num_clients:
+        raise ConfigError(f"partition-id={partition_id} is invalid; allowed: 0..{cfg.num_clients - 1}")
+    data = federated_data(cfg)
+    device = resolve_device(cfg.device)
+    if is_malicious(cfg, partition_id, context.node_config) and cfg.attack.poison is not None:
+        return MaliciousClient(cfg, data, partition_id, device, state_keys, instantiate(cfg.attack.poison))
+    return BenignClient(cfg, data, partition_id, device, state_keys)
+
+
+def _truth(client: BenignClient) -> ConfigRecord:
+    return ConfigRecord({"is-malicious": bool(client.is_malicious), "partition-id": int(client.partition_id)})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = run_config_of(context)
+    arrays = msg.content["arrays"]
+    state = arrays.to_torch_state_dict()
+    keys = list(state.keys())
+    client = make_client(cfg, context, keys)
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    parameters, num_examples, metrics = client.fit([v.numpy() for v in state.values()], config)
+    new_state = {k: torch.from_numpy(v) for k, v in zip(keys, parameters, strict=True)}
+    reply = RecordDict({
+        "arrays": ArrayRecord(new_state),
+        "metrics": MetricRecord({**metrics, "num-examples": int(num_examples)}),
+        "truth": _truth(client),
+    })
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = run_config_of(context)
+    state = msg.content["arrays"].to_torch_state_dict()
+    client = make_client(cfg, context, list(state.keys()))
+    loss, num_examples, metrics = client.evaluate([v.numpy() for v in state.values()], {})
+    reply = RecordDict({"metrics": MetricRecord({"eval-loss": float(loss), **metrics,
+                                                 "num-examples": int(num_examples)})})
+    return Message(reply, reply_to=msg)

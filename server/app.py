@@ -1,0 +1,178 @@
+"""The thorn ServerApp (Flower Message API).
+
+It composes the run's config from the run config (`overrides`, `config-name`, `out-dir`), checks it
+before round 1, builds the model and the strategy (`_target_`), and drives the rounds itself: the
+loop is Flower's `Strategy.start` (configure_train -> send_and_receive -> aggregate_train ->
+central evaluation) plus what a study needs around it: per-round records, atomic checkpoints and
+resume, a post-training phase, and the ground truth diverted away from the strategy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import datetime
+from logging import ERROR, INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from server.evaluation import attack_success_rate, main_accuracy
+from server.records import RunRecorder, load_checkpoint
+from server.truth import TruthStrippingGrid
+from strategies.base import PostTrainingDefense, ThornStrategy
+from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
+from task.data import federated_data
+from task.train import build_model, seed_everything
+
+app = ServerApp()
+
+
+def resolve_out_dir(cfg: DictConfig, out_dir_override: str = "") -> Path:
+    """`out-dir` from the run config, else `out_dir` from the Hydra config, else outputs/<time>-<strategy>-<attack>.
+
+    Relative paths are taken from the project folder: under `flwr run` the app runs from an installed
+    copy whose working directory is not the user's.
+    """
+    chosen = out_dir_override or cfg.out_dir
+    if not chosen:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        chosen = f"outputs/{stamp}-{cfg.strategy.name}-{cfg.attack.name}"
+    path = Path(chosen).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def build_strategy(cfg: DictConfig) -> ThornStrategy:
+    params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
+    strategy = instantiate(params, fraction_train=float(cfg.fraction_train),
+                           min_train_nodes=int(cfg.min_train_clients), min_available_nodes=int(cfg.num_clients))
+    if not isinstance(strategy, ThornStrategy):
+        raise ConfigError(f"strategy._target_={params.get('_target_')!r} is not a thorn strategy "
+                          "(a subclass of strategies.base.ThornStrategy)")
+    return strategy
+
+
+def wait_for_clients(grid: Grid, cfg: DictConfig) -> None:
+    """Fail before round 1 when the federation does not have exactly num_clients SuperNodes."""
+    hint = (f"set num_clients to the number of SuperNodes, or start {cfg.num_clients} SuperNodes "
+            f"(simulation: --federation-config \"num-supernodes={cfg.num_clients}\")")
+    # In simulation every SuperNode is registered before the ServerApp starts; in deployment they may
+    # still be connecting, so poll for a while.
+    simulation = "InMemory" in type(grid).__name__ or "Simulation" in type(grid).__name__
+    deadline = time.time() + (2.0 if simulation else float(cfg.server.wait_for_clients_s))
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected == cfg.num_clients:
+            return
+        if connected > cfg.num_clients:
+            raise ConfigError(f"num_clients={cfg.num_clients} but {connected} SuperNodes are connected; {hint}")
+        if time.time() > deadline:
+            raise ConfigError(f"num_clients={cfg.num_clients} but only {connected} SuperNodes are connected; {hint}")
+        time.sleep(0.5)
+
+
+def percent(value: float | None) -> str:
+    return "  n/a " if value is None else f"{100 * value:6.2f}%"
+
+
+def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
+    """Run every round of one experiment and write its records; returns the summary."""
+    t_start = time.time()
+    random.seed(cfg.seed)  # Flower samples clients with `random`
+    np.random.seed(cfg.seed)
+    wait_for_clients(grid, cfg)
+    data = federated_data(cfg)
+    device = resolve_device(cfg.device)
+    poison = instantiate(cfg.attack.poison) if cfg.attack.poison is not None else None
+    seed_everything(cfg.seed, 0, 0)  # the initial model is the same in every run with this seed
+    model = build_model(cfg, data.spec, data.num_classes).to(device)
+    strategy = build_strategy(cfg)
+
+    checkpoint = load_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log(INFO, "[thorn] resume=true but %s has no checkpoint.pt: starting from round 1", out_dir)
+    start_round = 1
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["global_state"])
+        strategy.load_state_dict(checkpoint["strategy_state"])
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        import torch
+
+        torch.set_rng_state(rng["torch"])
+        start_round = int(checkpoint["round"]) + 1
+        log(INFO, "[thorn] resuming %s after round %d", out_dir, start_round - 1)
+    recorder = RunRecorder(out_dir, cfg, resume_from_round=start_round - 1)
+    if checkpoint is not None:
+        recorder.truth.update(checkpoint.get("truth", {}))
+    truth_grid = TruthStrippingGrid(grid, recorder.record_truth)
+    log(INFO, "[thorn] %s | %s vs %s | %d clients | %d rounds | records in %s", cfg.dataset.name,
+        cfg.strategy.name, cfg.attack.name, cfg.num_clients, cfg.num_rounds, out_dir)
+
+    def evaluate(state_model) -> tuple[float, float | None]:
+        ma = main_accuracy(state_model, data.test_x, data.test_y, data.spec, device, cfg.eval_batch_size)
+        asr = (attack_success_rate(state_model, data.test_x, data.test_y, data.spec, device, poison,
+                                   bool(cfg.asr.exclude_target), cfg.eval_batch_size) if poison else None)
+        return ma, asr
+
+    if start_round == 1:
+        ma, asr = evaluate(model)
+        recorder.write_round({"round": 0, "ma": ma, "asr": asr})
+        log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | initial model", 0, cfg.num_rounds, percent(ma), percent(asr))
+    recorder.startup_seconds = time.time() - t_start
+
+    arrays = ArrayRecord(model.state_dict())
+    for server_round in range(start_round, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), truth_grid)
+        replies = truth_grid.send_and_receive(messages, timeout=float(cfg.round_timeout))
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        t_round = time.perf_counter() - t0
+        recorder.round_seconds[server_round] = t_round
+        ma = asr = None
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            ma, asr = evaluate(model)
+        report = strategy.last_report
+        row = recorder.round_row(server_round, report, ma, asr, t_round)
+        recorder.write_round(row)
+        recorder.save_checkpoint(server_round, arrays.to_torch_state_dict(), strategy.state_dict())
+        recorder.write_summary(finished=False)
+        loss = row.get("train_loss")
+        log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | loss %s | %d clients%s | %.1f s", server_round,
+            cfg.num_rounds, percent(ma), percent(asr), "  n/a " if loss is None else f"{loss:.4f}",
+            row.get("n_clients", 0), " | SKIPPED" if row.get("skipped") else "", t_round)
+
+    if isinstance(strategy, PostTrainingDefense):
+        t0 = time.perf_counter()
+        state = strategy.post_train(truth_grid, arrays.to_torch_state_dict(), cfg.num_rounds)
+        model.load_state_dict(state)
+        ma, asr = evaluate(model)
+        recorder.write_round({"round": cfg.num_rounds, "phase": "post_train", "ma": ma, "asr": asr,
+                              "t_round": time.perf_counter() - t0})
+        log(INFO, "[thorn] post-training | MA %s | ASR %s", percent(ma), percent(asr))
+
+    summary = recorder.write_summary(finished=True)
+    log(INFO, "[thorn] done in %.1f s | final MA %s | final ASR %s | records: %s", summary["wall_seconds"],
+        percent(summary["final_ma"]), percent(summary["final_asr"]), out_dir)
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    try:
+        cfg = compose_config(str(rc.get("overrides", "")), str(rc.get("config-name", "config")))
+        out_dir = resolve_out_dir(cfg, str(rc.get("out-dir", "")))
+        run_experiment(grid, cfg, out_dir)
+    except ConfigError as exc:
+        log(ERROR, "thorn: config error: %s", exc)
+        raise SystemExit(2) from None

@@ -1,0 +1,60 @@
+"""Keeps the ground truth away from defense code, structurally.
+
+Clients attach a `truth` ConfigRecord (`is-malicious`) to every reply. `TruthStrippingGrid` wraps the
+ServerApp's Grid: it removes that record from each reply and hands it to the run recorder BEFORE the
+replies are returned to the strategy, so no defense can read it, by accident or otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+TRUTH_KEY = "truth"
+
+TruthSink = Callable[[int, str, dict], None]  # (node id, message type, truth record as a dict)
+
+
+class TruthStrippingGrid(Grid):
+    """A Grid that delegates everything to `inner` and diverts `truth` records to `sink`."""
+
+    def __init__(self, inner: Grid, sink: TruthSink) -> None:
+        self._inner = inner
+        self._sink = sink
+
+    def _strip(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error() or TRUTH_KEY not in reply.content:
+                continue
+            truth = reply.content.pop(TRUTH_KEY)
+            self._sink(reply.metadata.src_node_id, reply.metadata.message_type, dict(truth))
+        return replies
+
+    # --- Grid API -------------------------------------------------------------------------------
+    def set_run(self, run):
+        return self._inner.set_run(run)
+
+    @property
+    def run(self):
+        return self._inner.run
+
+    def create_message(self, *args, **kwargs):
+        return self._inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self._inner.get_node_ids()
+
+    def get_nodes(self):
+        return self._inner.get_nodes()
+
+    def push_messages(self, messages):
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._strip(self._inner.pull_messages(message_ids))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self._strip(self._inner.send_and_receive(messages, timeout=timeout))

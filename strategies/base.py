@@ -1,0 +1,259 @@
+"""The strategy base layer every thorn defense plugs into.
+
+A thorn strategy is a Flower Message-API strategy (a `flwr.serverapp.strategy.FedAvg` subclass), but
+a defense author never touches Messages: `aggregate_train` turns the replies into `ClientUpdate`s
+and calls the one method the defense category asks for.
+
+Defense categories (as in DESIGN.md):
+- `RobustAggregation`: replaces the mean (`aggregate_updates`).
+- `AnomalyDetection`: returns the node ids it rejects (`detect`); the rest are averaged, and the run
+  recorder gets detection TP/FP/TN/FN for free from the round report.
+- `Reweighting`: returns one weight per client (`client_weights`); the recorder reports the weight
+  mass on malicious clients.
+- `ClientSideDefense`: adds per-client instructions to the train message; its client half lives in
+  the same module (`client_procedure`), looked up by the ClientApp by strategy name.
+- `PostTrainingDefense`: transforms the global model after the last round (`post_train`).
+
+Ground truth: a reply's `truth` record (is the client malicious?) is removed by the ServerApp's grid
+wrapper before any reply reaches a strategy (`server/truth.py`), so defense code cannot read it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregation import StateDict, weighted_average_states
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+@dataclass
+class ClientUpdate:
+    """One client's reply as a defense sees it: no Message, no ground truth."""
+
+    node_id: int
+    state: StateDict                 # the uploaded model (full state dict)
+    num_examples: int
+    metrics: dict[str, float]
+    extras: dict[str, Any] = field(default_factory=dict)  # further records (e.g. Fisher vectors)
+
+
+@dataclass
+class AggregationOutcome:
+    state: StateDict | None                      # None: keep the global model
+    weights: dict[int, float]                    # node id -> weight in the aggregate (sums to 1 over kept)
+    rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
+    info: dict[str, float] = field(default_factory=dict)    # defense-specific scalars for the records
+
+
+@dataclass
+class RoundReport:
+    """What happened in one aggregation; the run recorder joins it with the truth it holds."""
+
+    server_round: int
+    node_ids: list[int]                          # nodes whose replies were aggregated or examined
+    weights: dict[int, float]
+    rejected: dict[int, str]
+    failures: int                                # replies that came back as errors (or never came)
+    invalid: dict[int, str]                      # replies rejected by validation, with the reason
+    train_loss: float | None
+    t_aggregate: float
+    skipped: bool
+    client_seconds: list[float] = field(default_factory=list)
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class InvalidReply(ValueError):
+    """A reply that cannot be aggregated; the message is the reason recorded for it."""
+
+
+def update_from_message(msg: Message, expected_keys: list[str] | None) -> ClientUpdate:
+    """Turn a reply into a ClientUpdate, rejecting what cannot be aggregated."""
+    content = msg.content
+    if ARRAYS_KEY not in content.array_records:
+        raise InvalidReply("no 'arrays' ArrayRecord in the reply")
+    if METRICS_KEY not in content.metric_records:
+        raise InvalidReply("no 'metrics' MetricRecord in the reply")
+    metrics = dict(content.metric_records[METRICS_KEY])
+    num_examples = metrics.get(NUM_EXAMPLES_KEY)
+    if not isinstance(num_examples, int | float) or num_examples <= 0:
+        raise InvalidReply(f"'num-examples' must be a positive number, got {num_examples!r}")
+    state = content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    if expected_keys is not None and list(state.keys()) != expected_keys:
+        raise InvalidReply("the uploaded model's keys differ from the global model's")
+    extras = {k: v for k, v in content.items() if k not in (ARRAYS_KEY, METRICS_KEY)}
+    return ClientUpdate(node_id=msg.metadata.src_node_id, state=state, num_examples=int(num_examples),
+                        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+                        extras=extras)
+
+
+class ThornStrategy(FedAvg):
+    """Base of every thorn strategy. Subclasses implement `aggregate_updates` (or a category's hook)."""
+
+    category = "robust_aggregation"
+
+    def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
+                 **kwargs: Any) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
+                         min_evaluate_nodes=0, min_available_nodes=min_available_nodes, **kwargs)
+        self.global_state: StateDict | None = None
+        self.last_report: RoundReport | None = None
+
+    # ---- hooks for subclasses ------------------------------------------------------------------
+    def aggregate_updates(self, server_round: int, global_state: StateDict,
+                          updates: list[ClientUpdate]) -> AggregationOutcome:
+        raise NotImplementedError
+
+    def client_instructions(self, server_round: int, node_id: int) -> dict[str, Any]:
+        """Extra per-client config for the train message (ClientSideDefense overrides this)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state to checkpoint (histories, per-client vectors); empty for stateless rules."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    # ---- Flower Strategy API ---------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            # FedAvg gives every message the same RecordDict: give each its own before adding
+            # per-client instructions, or one client's instructions would reach all of them.
+            extra = self.client_instructions(server_round, msg.metadata.dst_node_id)
+            cfg = ConfigRecord({**dict(msg.content[CONFIG_KEY]), **extra})
+            msg.content = RecordDict({ARRAYS_KEY: msg.content[ARRAYS_KEY], CONFIG_KEY: cfg})
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        expected_keys = list(self.global_state.keys()) if self.global_state is not None else None
+        updates, invalid, failures = [], {}, 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id,
+                    msg.error.reason)
+                continue
+            try:
+                updates.append(update_from_message(msg, expected_keys))
+            except InvalidReply as exc:
+                invalid[msg.metadata.src_node_id] = str(exc)
+                log(WARNING, "round %d: reply of node %d rejected: %s", server_round,
+                    msg.metadata.src_node_id, exc)
+
+        train_loss = None
+        if updates:
+            total = sum(u.num_examples for u in updates)
+            losses = [(u.metrics.get("train-loss"), u.num_examples) for u in updates]
+            if all(loss is not None for loss, _ in losses):
+                train_loss = sum(loss * n for loss, n in losses) / total
+        client_seconds = [u.metrics["train-seconds"] for u in updates if "train-seconds" in u.metrics]
+
+        skipped = len(updates) < max(self.min_train_nodes, 1)
+        outcome = AggregationOutcome(state=None, weights={})
+        t0 = time.perf_counter()
+        if skipped:
+            log(WARNING, "round %d: %d valid replies, fewer than the minimum %d: global model unchanged",
+                server_round, len(updates), self.min_train_nodes)
+        else:
+            outcome = self.aggregate_updates(server_round, self.global_state, updates)
+        t_aggregate = time.perf_counter() - t0
+
+        self.last_report = RoundReport(
+            server_round=server_round, node_ids=[u.node_id for u in updates], weights=outcome.weights,
+            rejected=outcome.rejected, failures=failures, invalid=invalid, train_loss=train_loss,
+            t_aggregate=t_aggregate, skipped=skipped or outcome.state is None, client_seconds=client_seconds,
+            info=outcome.info)
+        if outcome.state is None:
+            return None, None
+        metrics = MetricRecord({"num-clients": len(updates), "num-rejected": len(outcome.rejected)})
+        if train_loss is not None:
+            metrics["train-loss"] = float(train_loss)
+        return ArrayRecord(outcome.state), metrics
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> thorn strategy %s (category: %s)", type(self).__name__, self.category)
+        super().summary()
+
+
+def example_weights(updates: list[ClientUpdate]) -> torch.Tensor:
+    return torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+
+
+def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOutcome:
+    """Weighted mean of the updates' state dicts; `weights` need not be normalised."""
+    w = weights / weights.sum()
+    return AggregationOutcome(state=weighted_average_states([u.state for u in updates], w),
+                              weights={u.node_id: float(wi) for u, wi in zip(updates, w)})
+
+
+class RobustAggregation(ThornStrategy):
+    """Replaces the weighted mean by a robust rule (`aggregate_updates`)."""
+
+    category = "robust_aggregation"
+
+
+class AnomalyDetection(ThornStrategy):
+    """Rejects suspected clients (`detect`), then averages the rest by example count."""
+
+    category = "anomaly_detection"
+
+    def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
+        """Node id -> reason, for every update to reject."""
+        raise NotImplementedError
+
+    def aggregate_updates(self, server_round, global_state, updates):
+        rejected = self.detect(server_round, global_state, updates)
+        kept = [u for u in updates if u.node_id not in rejected]
+        if not kept:
+            log(WARNING, "round %d: every update was rejected: global model unchanged", server_round)
+            return AggregationOutcome(state=None, weights={}, rejected=rejected)
+        outcome = mean_of(kept, example_weights(kept))
+        outcome.rejected = rejected
+        outcome.weights.update({node: 0.0 for node in rejected})
+        return outcome
+
+
+class Reweighting(ThornStrategy):
+    """Averages every update with defense-chosen weights (`client_weights`)."""
+
+    category = "reweighting"
+
+    def client_weights(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aggregate_updates(self, server_round, global_state, updates):
+        return mean_of(updates, self.client_weights(server_round, global_state, updates).to(torch.float64))
+
+
+class ClientSideDefense(ThornStrategy):
+    """A defense with a client half: per-client instructions out, extra records back."""
+
+    category = "client_side"
+
+
+class PostTrainingDefense(ThornStrategy):
+    """Cleans the global model after the last round (`post_train`), e.g. pruning or purification."""
+
+    category = "post_training"
+
+    def post_train(self, grid: Grid, global_state: StateDict, server_round: int) -> StateDict:
+        raise NotImplementedError
