@@ -39,7 +39,7 @@ def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list
     return list(overrides)
 
 
-def _check_group_names(overrides: list[str], conf_dir: Path) -> None:
+def check_group_names(overrides: list[str], conf_dir: Path) -> None:
     # Hydra's own message for an unknown group option is a multi-line dump of the search path;
     # check the names first so the user gets one line with the allowed values.
     for item in overrides:
@@ -54,15 +54,23 @@ def _check_group_names(overrides: list[str], conf_dir: Path) -> None:
 @lru_cache(maxsize=8)
 def _compose_cached(overrides: tuple[str, ...], config_name: str, conf_dir: str) -> DictConfig:
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    _check_group_names(list(overrides), Path(conf_dir))
+    check_group_names(list(overrides), Path(conf_dir))
+    # Inside a @hydra.main job (the sweep runner) Hydra is already initialised: step aside, then restore.
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="thorn"):
             cfg = compose(config_name=config_name, overrides=list(overrides))
     except HydraException as exc:  # bad override syntax, unknown key, ...
         first_line = str(exc).strip().splitlines()[0]
         raise ConfigError(f"invalid override in {' '.join(overrides)!r}: {first_line}") from exc
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
