@@ -48,12 +48,16 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, seed: int, alpha: 
 
 def pathological_partition(labels: np.ndarray, num_clients: int, seed: int,
                            classes_per_client: int = 2) -> list[np.ndarray]:
-    """Each client holds `classes_per_client` classes (flwr-datasets PathologicalPartitioner)."""
+    """Each client holds `classes_per_client` classes (flwr-datasets PathologicalPartitioner).
+
+    Client i gets classes i, i+1, ... (mod the number of classes), so every class is used whenever
+    num_clients >= num_classes; samples of a class are split evenly among its holders.
+    """
     from flwr_datasets.partitioner import PathologicalPartitioner
 
     partitioner = PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
                                           num_classes_per_partition=classes_per_client,
-                                          class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+                                          class_assignment_mode="deterministic", shuffle=True, seed=seed)
     return _run_partitioner(partitioner, labels, num_clients)
 
 

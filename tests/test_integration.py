@@ -1,0 +1,114 @@
+"""Integration: the real Flower engine through `flwr run` (simulation), small.
+
+Each test gets its own FLWR_HOME, so the managed local SuperLink it starts is its own; the launcher
+stops it by PID, and the tests check that nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.sweep import summarise_sweep
+from task.config import PROJECT_ROOT
+
+
+def thorn_env(flwr_home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def superlinks_of(flwr_home: Path) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def run(cmd: list[str], flwr_home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=PROJECT_ROOT, env=thorn_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_flwr_run_four_supernodes_two_rounds_writes_the_records(tmp_path):
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    proc = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke"], home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["n_clients"] == 4 and row["n_malicious"] == 1  # round(0.3 * 4) malicious, seen via truth
+        assert row["detection"] == {"tp": 0, "fp": 0, "tn": 3, "fn": 1}  # FedAvg rejects nobody
+        assert 0.0 < row["malicious_weight"] < 1.0
+        assert 0.0 <= row["ma"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["train_loss"] > 0
+        assert row["t_round"] > 0 and row["t_aggregate"] >= 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["final_ma"] == rows[-1]["ma"] and summary["rounds"] == 2
+    assert (out / "config.yaml").exists() and (out / "curves.png").exists() and (out / "checkpoint.pt").exists()
+    assert "[thorn] round   2/2" in proc.stdout + proc.stderr  # one readable line per round
+    assert superlinks_of(home) == []
+
+
+@pytest.mark.slow
+def test_num_clients_must_match_the_supernodes(tmp_path):
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    run_config = tmp_path / "rc.toml"
+    run_config.write_text(f'overrides = "experiment=smoke"\nout-dir = "{out}"\n')
+    try:
+        proc = run(["flwr", "run", str(PROJECT_ROOT), "--stream", "--run-config", str(run_config),
+                    "--federation-config", "num-supernodes=3"], home)
+    finally:
+        for pid in superlinks_of(home):
+            os.kill(int(pid), 15)
+    log = proc.stdout + proc.stderr
+    lines = [line for line in log.splitlines() if "config error" in line]
+    assert len(lines) == 1 and "num_clients=4 but only 3 SuperNodes are connected" in lines[0]
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_unknown_strategy_stops_before_flower_starts(tmp_path):
+    proc = run([sys.executable, "-m", "server.launch", "strategy=nosuch"], tmp_path / "home", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "thorn: config error: strategy='nosuch' is unknown; allowed values: fedavg"
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_job_through_flwr_and_writes_one_table(tmp_path):
+    home, sweep_dir = tmp_path / "flwr-home", tmp_path / "sweep"
+    proc = run([sys.executable, "-m", "server.sweep", "-m", "seed=0,1", "experiment=smoke", "num_rounds=1",
+                f"hydra.sweep.dir={sweep_dir}"], home, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep_dir / job / "summary.json").read_text())["finished"]
+    seeds = {json.loads((sweep_dir / j / "summary.json").read_text())["seed"] for j in ("0", "1")}
+    assert seeds == {0, 1}
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert len(table) == 3 and "experiment=smoke num_rounds=1" in table[2] and "| 2 | 0 1 |" in table[2]
+    assert superlinks_of(home) == []
+
+
+def test_summarise_sweep_groups_seeds(tmp_path):
+    def job(num: int, seed: int, strategy: str, ma: float, asr: float) -> None:
+        d = tmp_path / str(num)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n- seed={seed}\n")
+        (d / "summary.json").write_text(json.dumps({"finished": True, "seed": seed, "final_ma": ma,
+                                                    "final_asr": asr}))
+
+    job(0, 0, "fedavg", 0.80, 0.90)
+    job(1, 1, "fedavg", 0.90, 1.00)
+    job(2, 0, "other", 0.50, 0.10)
+    markdown = summarise_sweep(tmp_path)
+    assert "| strategy=fedavg | 2 | 0 1 | 85.00 ± 7.07 | 95.00 ± 7.07 |" in markdown
+    assert "| strategy=other | 1 | 0 | 50.00 ± 0.00 | 10.00 ± 0.00 |" in markdown
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 3
