@@ -126,6 +126,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
         recorder.write_round({"round": 0, "ma": ma, "asr": asr})
         log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | initial model", 0, cfg.num_rounds, percent(ma), percent(asr))
     recorder.startup_seconds = time.time() - t_start
+    recorder.first_round_started_at = time.time()
 
     arrays = ArrayRecord(model.state_dict())
     for server_round in range(start_round, cfg.num_rounds + 1):

@@ -78,6 +78,7 @@ class RunRecorder:
         self.t_start = time.time()
         self.round_seconds: dict[int, float] = {}
         self.startup_seconds: float | None = None
+        self.first_round_started_at: float | None = None  # epoch seconds (bench/overhead.py reads it)
         (self.out_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         metrics_path = self.out_dir / METRICS_FILE
         if resume_from_round > 0 and metrics_path.exists():
@@ -196,6 +197,7 @@ class RunRecorder:
             "min_asr": min((r["asr"] for r in asr_rows), default=None),
             "wall_seconds": time.time() - self.t_start,
             "startup_seconds": self.startup_seconds,
+            "first_round_started_at": self.first_round_started_at,
             "round_seconds": {str(k): v for k, v in sorted(self.round_seconds.items())},
             "seed": self.cfg.seed,
             "strategy": self.cfg.strategy.name,

@@ -202,7 +202,7 @@ def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOu
     """Weighted mean of the updates' state dicts; `weights` need not be normalised."""
     w = weights / weights.sum()
     return AggregationOutcome(state=weighted_average_states([u.state for u in updates], w),
-                              weights={u.node_id: float(wi) for u, wi in zip(updates, w)})
+                              weights={u.node_id: float(wi) for u, wi in zip(updates, w, strict=True)})
 
 
 class RobustAggregation(ThornStrategy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf.errors import ReadonlyConfigError
 
 from attacks.badnets import BadNets
 from server.app import build_strategy
@@ -69,5 +70,5 @@ def test_bad_config_fails_with_one_line_naming_the_key(override, key):
 
 def test_composed_config_is_read_only():
     cfg = compose_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.num_rounds = 3
