@@ -121,18 +121,21 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
                                    bool(cfg.asr.exclude_target), cfg.eval_batch_size) if poison else None)
         return ma, asr
 
-    if start_round == 1:
+    def evaluate_initial_model() -> None:
         ma, asr = evaluate(model)
         recorder.write_round({"round": 0, "ma": ma, "asr": asr})
-        log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | initial model", 0, cfg.num_rounds, percent(ma), percent(asr))
+        log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | initial model", 0, cfg.num_rounds, percent(ma),
+            percent(asr))
+
     recorder.startup_seconds = time.time() - t_start
     recorder.first_round_started_at = time.time()
-
     arrays = ArrayRecord(model.state_dict())
     for server_round in range(start_round, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), truth_grid)
-        replies = truth_grid.send_and_receive(messages, timeout=float(cfg.round_timeout))
+        # the initial model is evaluated while the clients train round 1 (it does not change meanwhile)
+        replies = truth_grid.send_and_receive(messages, timeout=float(cfg.round_timeout),
+                                              while_waiting=evaluate_initial_model if server_round == 1 else None)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays

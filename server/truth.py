@@ -3,16 +3,22 @@
 Clients attach a `truth` ConfigRecord (`is-malicious`) to every reply. `TruthStrippingGrid` wraps the
 ServerApp's Grid: it removes that record from each reply and hands it to the run recorder BEFORE the
 replies are returned to the strategy, so no defense can read it, by accident or otherwise.
+
+It also does its own push-then-poll in `send_and_receive`, for two reasons: flwr 1.41's deployment
+grid sleeps 3 s between polls (every round would be rounded up to a multiple of 3 s), and the server
+can do useful work (`while_waiting`, e.g. evaluating the initial model) while the clients train.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 TRUTH_KEY = "truth"
+POLL_INTERVAL_S = 0.1
 
 TruthSink = Callable[[int, str, dict], None]  # (node id, message type, truth record as a dict)
 
@@ -56,5 +62,17 @@ class TruthStrippingGrid(Grid):
     def pull_messages(self, message_ids):
         return self._strip(self._inner.pull_messages(message_ids))
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return self._strip(self._inner.send_and_receive(messages, timeout=timeout))
+    def send_and_receive(self, messages, *, timeout=None, while_waiting: Callable[[], None] | None = None):
+        """Push, run `while_waiting` (if any), then poll until every reply is in or `timeout` passes."""
+        pending = set(self._inner.push_messages(messages))
+        if while_waiting is not None:
+            while_waiting()
+        deadline = None if timeout is None else time.time() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.time() < deadline):
+            arrived = list(self._inner.pull_messages(pending))
+            replies.extend(arrived)
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if pending:
+                time.sleep(POLL_INTERVAL_S)
+        return self._strip(replies)

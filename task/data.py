@@ -8,6 +8,7 @@ into float tensors only when they are used, which keeps triggers in pixel space 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class InputSpec:
         return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class FederatedData:
     """Everything a run needs to know about its data; identical in every process for the same config."""
 
@@ -74,8 +75,19 @@ class FederatedData:
     test_x: np.ndarray
     test_y: np.ndarray
     server_indices: np.ndarray     # into train_x: the server's clean split (never reaches a client)
-    client_indices: tuple[np.ndarray, ...]  # into train_x: one array per client (partition id)
+    pool_indices: np.ndarray       # into train_x: everything else, what the partitioner divides
+    partition_cfg: dict            # the partition group (its `_target_` and parameters)
+    num_clients: int
+    seed: int
     spec: InputSpec
+
+    @cached_property
+    def client_indices(self) -> tuple[np.ndarray, ...]:
+        """Into train_x: one array per client (partition id). Computed on first use: the server
+        process never needs it, which keeps its start-up short."""
+        parts = instantiate(self.partition_cfg, labels=self.train_y[self.pool_indices],
+                            num_clients=self.num_clients, seed=self.seed)
+        return tuple(self.pool_indices[p] for p in parts)  # partition positions -> training-set positions
 
     @property
     def num_classes(self) -> int:
@@ -114,11 +126,10 @@ def federated_data(cfg: DictConfig) -> FederatedData:
     keep_test = limit_indices(len(dataset.y_test), ds_cfg.test_limit, cfg.seed + 1)
     train_x, train_y = dataset.x_train[keep], dataset.y_train[keep]
     server_idx, pool_idx = server_split(len(train_y), float(cfg.server.val_fraction), int(cfg.seed))
-    part_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.partition, resolve=True).items() if k != "name"}
-    parts = instantiate(part_kwargs, labels=train_y[pool_idx], num_clients=int(cfg.num_clients), seed=int(cfg.seed))
-    client_idx = tuple(pool_idx[p] for p in parts)  # partition positions -> training-set positions
+    part_cfg = {k: v for k, v in OmegaConf.to_container(cfg.partition, resolve=True).items() if k != "name"}
     data = FederatedData(dataset=dataset, train_x=train_x, train_y=train_y,
                          test_x=dataset.x_test[keep_test], test_y=dataset.y_test[keep_test],
-                         server_indices=server_idx, client_indices=client_idx, spec=input_spec(cfg, dataset))
+                         server_indices=server_idx, pool_indices=pool_idx, partition_cfg=part_cfg,
+                         num_clients=int(cfg.num_clients), seed=int(cfg.seed), spec=input_spec(cfg, dataset))
     _CACHE[cache_key] = data
     return data

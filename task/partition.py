@@ -21,7 +21,8 @@ def _hf_labels(labels: np.ndarray):
 
 def _run_partitioner(partitioner, labels: np.ndarray, num_clients: int) -> list[np.ndarray]:
     partitioner.dataset = _hf_labels(labels)
-    return [np.sort(np.asarray(partitioner.load_partition(i)["position"], dtype=np.int64))
+    # with_format("numpy") reads the column at once; np.asarray on it would iterate row by row (seconds)
+    return [np.sort(partitioner.load_partition(i).with_format("numpy")["position"][:].astype(np.int64))
             for i in range(num_clients)]
 
 

@@ -48,8 +48,10 @@ def make_reply(to: Message, s: dict, n, loss: float = 0.5, truth: bool | None = 
 
 
 def train_message(node: int, global_state: dict) -> Message:
-    return Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
-                   dst_node_id=node, message_type="train")
+    msg = Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
+                  dst_node_id=node, message_type="train")
+    msg.metadata.__dict__["_message_id"] = f"id-{node}"  # what pushing assigns (as InMemoryGrid does)
+    return msg
 
 
 class DropNode(AnomalyDetection):
@@ -138,12 +140,16 @@ def test_truth_is_stripped_before_the_strategy_sees_replies(flower_task_identity
     msgs = [train_message(n, g) for n in (31, 32)]
     replies = [make_reply(msgs[0], state(1, 1, 1), 5, truth=True), make_reply(msgs[1], state(1, 1, 1), 5, truth=False)]
 
-    class Inner:
-        def send_and_receive(self, messages, *, timeout=None):
-            return replies
+    class Inner:  # replies arrive over two polls
+        def push_messages(self, messages):
+            return [m.metadata.message_id for m in messages]  # distinct ids, as a real push returns
+
+        def pull_messages(self, ids):
+            return [replies.pop(0)] if replies else []
 
     seen = {}
     grid = TruthStrippingGrid(Inner(), lambda node, mtype, truth: seen.update({node: truth["is-malicious"]}))
-    out = grid.send_and_receive(msgs, timeout=1)
-    assert seen == {31: True, 32: False}
+    waited = []
+    out = grid.send_and_receive(msgs, timeout=5, while_waiting=lambda: waited.append(True))
+    assert seen == {31: True, 32: False} and waited == [True] and len(out) == 2
     assert all("truth" not in r.content for r in out)
