@@ -21,6 +21,7 @@ wrapper before any reply reaches a strategy (`server/truth.py`), so defense code
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -78,6 +79,17 @@ class RoundReport:
 
 class InvalidReply(ValueError):
     """A reply that cannot be aggregated; the message is the reason recorded for it."""
+
+
+def content_key(update: ClientUpdate) -> tuple[int, int]:
+    """A key that depends only on what a client sent: (example count, CRC of the first and last
+    floating tensors). Node ids are random per run and replies arrive in any order, while
+    floating-point sums depend on order; sorting by this key makes aggregation reproducible."""
+    tensors = [v for v in update.state.values() if torch.is_floating_point(v)] or list(update.state.values())
+    crc = 0
+    for t in (tensors[0], tensors[-1]):
+        crc = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), crc)
+    return update.num_examples, crc
 
 
 def update_from_message(msg: Message, expected_keys: list[str] | None) -> ClientUpdate:
@@ -159,6 +171,7 @@ class ThornStrategy(FedAvg):
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round,
                     msg.metadata.src_node_id, exc)
 
+        updates.sort(key=content_key)
         train_loss = None
         if updates:
             total = sum(u.num_examples for u in updates)

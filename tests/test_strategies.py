@@ -153,3 +153,19 @@ def test_truth_is_stripped_before_the_strategy_sees_replies(flower_task_identity
     out = grid.send_and_receive(msgs, timeout=5, while_waiting=lambda: waited.append(True))
     assert seen == {31: True, 32: False} and waited == [True] and len(out) == 2
     assert all("truth" not in r.content for r in out)
+
+
+def test_aggregate_does_not_depend_on_reply_order(flower_task_identity):
+    # replies arrive in any order and node ids are random per run; float sums depend on order
+    gen = torch.Generator().manual_seed(0)
+    states = [{"fc.weight": torch.randn(50, 40, generator=gen), "fc.bias": torch.randn(40, generator=gen)}
+              for _ in range(6)]
+    g = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    results = []
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
+        strategy = FedAvgStrategy()
+        strategy.global_state = g
+        msgs = [train_message(40 + i, g) for i in order]
+        replies = [make_reply(m, states[i], 10 + i) for m, i in zip(msgs, order, strict=True)]
+        results.append(strategy.aggregate_train(1, replies)[0].to_torch_state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
