@@ -158,14 +158,14 @@ def test_truth_is_stripped_before_the_strategy_sees_replies(flower_task_identity
 def test_aggregate_does_not_depend_on_reply_order(flower_task_identity):
     # replies arrive in any order and node ids are random per run; float sums depend on order
     gen = torch.Generator().manual_seed(0)
-    states = [{"fc.weight": torch.randn(50, 40, generator=gen), "fc.bias": torch.randn(40, generator=gen)}
-              for _ in range(6)]
+    states = [{"fc.weight": torch.randn(300, 200, generator=gen), "fc.bias": torch.randn(200, generator=gen)}
+              for _ in range(10)]
     g = {k: torch.zeros_like(v) for k, v in states[0].items()}
     results = []
-    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
+    for order in (list(range(10)), [9, 3, 1, 0, 2, 4, 8, 7, 6, 5]):
         strategy = FedAvgStrategy()
         strategy.global_state = g
         msgs = [train_message(40 + i, g) for i in order]
-        replies = [make_reply(m, states[i], 10 + i) for m, i in zip(msgs, order, strict=True)]
+        replies = [make_reply(m, states[i], 10 + 7 * i) for m, i in zip(msgs, order, strict=True)]
         results.append(strategy.aggregate_train(1, replies)[0].to_torch_state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
