@@ -112,3 +112,20 @@ def test_summarise_sweep_groups_seeds(tmp_path):
     assert "| strategy=fedavg | 2 | 0 1 | 85.00 ± 7.07 | 95.00 ± 7.07 |" in markdown
     assert "| strategy=other | 1 | 0 | 50.00 ± 0.00 | 10.00 ± 0.00 |" in markdown
     assert (tmp_path / "summary.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint_without_duplicating_rounds(tmp_path):
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    first = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke", "num_rounds=1"],
+                home)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    one_round = read_rows(out)
+    second = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke", "num_rounds=2",
+                  "resume=true"], home)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rows = read_rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[:2] == one_round  # the rounds before the checkpoint are kept as they were
+    assert "resuming" in second.stdout + second.stderr
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2

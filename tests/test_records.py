@@ -83,3 +83,14 @@ def test_checkpoint_roundtrip_and_resume_drops_rounds_after_it(tmp_path):
     assert rounds == [0, 1, 2]
     assert resumed.round_seconds == {1: 1.0, 2: 2.0}
     assert load_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_wandb_offline_logs_the_same_rounds(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rec = RunRecorder(tmp_path, compose_config("logger.wandb.mode=offline"))
+    rec.write_round({"round": 1, "ma": 0.5, "asr": 0.25, "detection": {"tp": 1}})
+    rec.write_summary(finished=True)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
+    assert b"final_asr" in log and b"best_ma" in log  # the run summary reached the offline log
