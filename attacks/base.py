@@ -1,15 +1,22 @@
-"""The interface every data-poisoning (trigger) attack implements.
+"""The interfaces every attack implements.
 
-Poisons work in pixel space: float NCHW batches in [0, 1], before augmentation-independent
+Trigger (data-poisoning) attacks work in pixel space: float NCHW batches in [0, 1], before
 normalisation, so a trigger means the same pixels whatever the dataset statistics. They are applied
-per batch while a malicious client trains, and to the whole test set when the server measures ASR.
+per batch while a malicious client trains, and to the test set when the server measures ASR.
+
+Model-poisoning attacks act on the malicious client's model: after each optimizer step (e.g. PGD's
+projection, Neurotoxin's mask) and after local training (e.g. scaling). They combine with any trigger.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
 
 
 class TriggerPoison(ABC):
@@ -25,12 +32,21 @@ class TriggerPoison(ABC):
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         """Return a copy of the pixel-space batch `x` (N, C, H, W) with the trigger on every sample."""
 
+    def for_attacker(self, attacker_index: int) -> TriggerPoison:
+        """The poison attacker number `attacker_index` (0, 1, ...) trains with. The global trigger by
+        default; a distributed attack (DBA) hands each attacker its own part."""
+        return self
+
+    def asr_mask(self, y: np.ndarray, exclude_target: bool = True) -> np.ndarray:
+        """Which test samples count for the ASR: all but the target class (`exclude_target`), or all."""
+        return (y != self.target_label) if exclude_target else np.ones(len(y), dtype=bool)
+
     def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Trigger and relabel round(poison_ratio * N) samples chosen at random.
 
         Returns (x, y, poisoned_mask). The count is exact per batch (not a per-sample coin flip),
-        so the poisoned share does not drift with small batches.
+        so the poisoned share does not drift with small batches. Inputs are not modified in place.
         """
         n = x.shape[0]
         count = round(self.poison_ratio * n)
@@ -44,3 +60,21 @@ class TriggerPoison(ABC):
         x[mask] = self.apply_trigger(x[mask])
         y[mask] = self.target_label
         return x, y, mask
+
+
+class ModelPoison:
+    """Changes a malicious client's model around local training; the default changes nothing.
+
+    `memory` is a dict of tensors that persists across rounds on the client (the ClientApp keeps it
+    in `context.state`), e.g. the previous global model for Neurotoxin.
+    """
+
+    def before_training(self, global_state: StateDict, memory: dict[str, torch.Tensor]) -> None:
+        """Called once per round before the first step, with the global model the round starts from."""
+
+    def after_step(self, model: nn.Module, global_state: StateDict) -> None:
+        """Called after every optimizer step; may edit `model`'s parameters in place."""
+
+    def after_training(self, global_state: StateDict, local_state: StateDict) -> StateDict:
+        """Called once after local training; returns the state dict the client uploads."""
+        return local_state

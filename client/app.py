@@ -14,14 +14,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from attacks.schedule import AttackSchedule, attacker_index
 from client.clients import BenignClient, MaliciousClient
 from task.config import ConfigError, compose_config, resolve_device
 from task.data import federated_data
 from task.partition import malicious_client_ids
 
 app = ClientApp()
+MEMORY_KEY = "attack-memory"  # context.state record of a malicious client's per-round memory
 
 
 def node_config_bool(value) -> bool:
@@ -39,11 +41,19 @@ def run_config_of(context: Context) -> DictConfig:
     return compose_config(str(rc.get("overrides", "")), str(rc.get("config-name", "config")))
 
 
-def is_malicious(cfg: DictConfig, partition_id: int, node_config) -> bool:
+def attacker_pool(cfg: DictConfig, partition_id: int, node_config) -> frozenset[int] | None:
+    """The attacker pool as this client knows it; None when this client is benign.
+
+    In deployment a node only knows itself (`--node-config malicious=true`); in simulation every
+    client derives the same pool from the config (explicit ids or a seeded draw)."""
     if "malicious" in node_config:  # deployment: the node's own configuration wins
-        return node_config_bool(node_config["malicious"])
-    ids = malicious_client_ids(cfg.num_clients, float(cfg.attack.fraction), cfg.attack.malicious_ids, cfg.seed)
-    return partition_id in ids
+        return frozenset({partition_id}) if node_config_bool(node_config["malicious"]) else None
+    pool = malicious_client_ids(cfg.num_clients, float(cfg.attack.fraction), cfg.attack.malicious_ids, cfg.seed)
+    return pool if partition_id in pool else None
+
+
+def is_malicious(cfg: DictConfig, partition_id: int, node_config) -> bool:
+    return attacker_pool(cfg, partition_id, node_config) is not None
 
 
 def make_client(cfg: DictConfig, context: Context, state_keys: list[str]) -> BenignClient:
@@ -56,13 +66,34 @@ def make_client(cfg: DictConfig, context: Context, state_keys: list[str]) -> Ben
         raise ConfigError(f"partition-id={partition_id} is invalid; allowed: 0..{cfg.num_clients - 1}")
     data = federated_data(cfg)
     device = resolve_device(cfg.device)
-    if is_malicious(cfg, partition_id, context.node_config) and cfg.attack.poison is not None:
-        return MaliciousClient(cfg, data, partition_id, device, state_keys, instantiate(cfg.attack.poison))
-    return BenignClient(cfg, data, partition_id, device, state_keys)
+    pool = attacker_pool(cfg, partition_id, context.node_config)
+    if pool is None:
+        return BenignClient(cfg, data, partition_id, device, state_keys)
+    poison = instantiate(cfg.attack.poison) if cfg.attack.poison is not None else None
+    if poison is not None:
+        poison = poison.for_attacker(attacker_index(partition_id, pool))
+    model_poison = instantiate(cfg.attack.model_poison) if cfg.attack.get("model_poison") else None
+    schedule = AttackSchedule(**OmegaConf.to_container(cfg.attack.schedule, resolve=True))
+    return MaliciousClient(cfg, data, partition_id, device, state_keys, poison, model_poison, schedule, pool,
+                           memory=load_memory(context))
+
+
+def load_memory(context: Context) -> dict[str, torch.Tensor]:
+    record = context.state.get(MEMORY_KEY)
+    return dict(record.to_torch_state_dict()) if record is not None else {}
+
+
+def save_memory(context: Context, client: BenignClient) -> None:
+    memory = getattr(client, "memory", None)
+    if memory:
+        context.state[MEMORY_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in memory.items()})
 
 
 def _truth(client: BenignClient) -> ConfigRecord:
-    return ConfigRecord({"is-malicious": bool(client.is_malicious), "partition-id": int(client.partition_id)})
+    # `is-malicious`: did this client attack in this round (what detection is scored against);
+    # `in-pool`: is it one of the attackers at all.
+    return ConfigRecord({"is-malicious": bool(client.attacked), "in-pool": bool(client.in_attacker_pool),
+                         "partition-id": int(client.partition_id)})
 
 
 @app.train()
@@ -74,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     client = make_client(cfg, context, keys)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     parameters, num_examples, metrics = client.fit([v.numpy() for v in state.values()], config)
+    save_memory(context, client)
     new_state = {k: torch.from_numpy(v) for k, v in zip(keys, parameters, strict=True)}
     reply = RecordDict({
         "arrays": ArrayRecord(new_state),

@@ -16,6 +16,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -23,11 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from server.evaluation import attack_success_rate, main_accuracy
+from server.omniscient import OmniscientRewriter
 from server.records import RunRecorder, load_checkpoint
 from server.truth import TruthStrippingGrid
 from strategies.base import PostTrainingDefense, ThornStrategy
 from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
 from task.data import federated_data
+from task.models import trainable_state_keys
 from task.train import build_model, seed_everything
 
 app = ServerApp()
@@ -57,14 +60,18 @@ def build_strategy(cfg: DictConfig) -> ThornStrategy:
     return strategy
 
 
+def is_simulation(grid: Grid) -> bool:
+    """The simulation engine hands the ServerApp an in-memory grid; a deployment an HTTP one."""
+    return "InMemory" in type(grid).__name__
+
+
 def wait_for_clients(grid: Grid, cfg: DictConfig) -> None:
     """Fail before round 1 when the federation does not have exactly num_clients SuperNodes."""
     hint = (f"set num_clients to the number of SuperNodes, or start {cfg.num_clients} SuperNodes "
             f"(simulation: --federation-config \"num-supernodes={cfg.num_clients}\")")
     # In simulation every SuperNode is registered before the ServerApp starts; in deployment they may
     # still be connecting, so poll for a while.
-    simulation = "InMemory" in type(grid).__name__ or "Simulation" in type(grid).__name__
-    deadline = time.time() + (2.0 if simulation else float(cfg.server.wait_for_clients_s))
+    deadline = time.time() + (2.0 if is_simulation(grid) else float(cfg.server.wait_for_clients_s))
     while True:
         connected = len(list(grid.get_node_ids()))
         if connected == cfg.num_clients:
@@ -76,6 +83,22 @@ def wait_for_clients(grid: Grid, cfg: DictConfig) -> None:
         time.sleep(0.5)
 
 
+def check_attack(cfg: DictConfig) -> None:
+    """Build the attack's parts once, so a bad attack setting stops the run before round 1 in one line."""
+    from hydra.errors import InstantiationException
+
+    from attacks.schedule import AttackSchedule
+
+    try:
+        AttackSchedule(**OmegaConf.to_container(cfg.attack.schedule, resolve=True))
+        for key in ("poison", "model_poison", "omniscient"):
+            if cfg.attack.get(key) is not None:
+                instantiate(cfg.attack[key], _partial_=(key == "omniscient"))
+    except (ValueError, TypeError, InstantiationException) as exc:
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+        raise ConfigError(f"attack={cfg.attack.name}: {cause}") from exc
+
+
 def percent(value: float | None) -> str:
     return "  n/a " if value is None else f"{100 * value:6.2f}%"
 
@@ -85,6 +108,7 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     t_start = time.time()
     random.seed(cfg.seed)  # Flower samples clients with `random`
     np.random.seed(cfg.seed)
+    check_attack(cfg)
     wait_for_clients(grid, cfg)
     data = federated_data(cfg)
     device = resolve_device(cfg.device)
@@ -103,17 +127,24 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
         rng = checkpoint["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        import torch
-
         torch.set_rng_state(rng["torch"])
         start_round = int(checkpoint["round"]) + 1
         log(INFO, "[thorn] resuming %s after round %d", out_dir, start_round - 1)
     recorder = RunRecorder(out_dir, cfg, resume_from_round=start_round - 1)
     if checkpoint is not None:
         recorder.truth.update(checkpoint.get("truth", {}))
-    truth_grid = TruthStrippingGrid(grid, recorder.record_truth)
-    log(INFO, "[thorn] %s | %s vs %s | %d clients | %d rounds | records in %s", cfg.dataset.name,
-        cfg.strategy.name, cfg.attack.name, cfg.num_clients, cfg.num_rounds, out_dir)
+    rewriter = None
+    if cfg.attack.get("omniscient"):
+        if not is_simulation(grid):
+            raise ConfigError(f"attack={cfg.attack.name} is an omniscient attack: it needs the simulation engine "
+                              "(no client can see the others' updates in a deployment)")
+        rewriter = OmniscientRewriter(cfg.attack.name, instantiate(cfg.attack.omniscient, _partial_=True),
+                                      trainable_state_keys(model), int(cfg.num_clients))
+        recorder.omniscient = cfg.attack.name
+    truth_grid = TruthStrippingGrid(grid, recorder.record_truth, rewrite_replies=rewriter)
+    log(INFO, "[thorn] %s | %s vs %s | %d clients | %d rounds | %s engine (%s) | records in %s", cfg.dataset.name,
+        cfg.strategy.name, cfg.attack.name, cfg.num_clients, cfg.num_rounds,
+        "simulation" if is_simulation(grid) else "deployment", type(grid).__name__, out_dir)
 
     def evaluate(state_model) -> tuple[float, float | None]:
         ma = main_accuracy(state_model, data.test_x, data.test_y, data.spec, device, cfg.eval_batch_size)
@@ -147,6 +178,8 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
             ma, asr = evaluate(model)
         report = strategy.last_report
         row = recorder.round_row(server_round, report, ma, asr, t_round)
+        if rewriter is not None:
+            row["omniscient_rewritten"] = rewriter.rewritten_last_round
         recorder.write_round(row)
         recorder.save_checkpoint(server_round, arrays.to_torch_state_dict(), strategy.state_dict())
         recorder.write_summary(finished=False)

@@ -23,14 +23,9 @@ def main_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: InputSpe
     return float((predict(model, x, spec, device, batch_size) == y).mean()) if len(y) else float("nan")
 
 
-def asr_indices(y: np.ndarray, target_label: int, exclude_target: bool) -> np.ndarray:
-    """Positions of the test samples that count for the ASR."""
-    return np.flatnonzero(y != target_label) if exclude_target else np.arange(len(y))
-
-
 def attack_success_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: InputSpec, device: torch.device,
                         poison: TriggerPoison, exclude_target: bool = True, batch_size: int = 512) -> float:
-    idx = asr_indices(y, poison.target_label, exclude_target)
+    idx = np.flatnonzero(poison.asr_mask(y, exclude_target))
     if len(idx) == 0:
         return float("nan")
     pred = predict(model, x[idx], spec, device, batch_size, transform=poison.apply_trigger)

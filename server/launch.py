@@ -98,8 +98,11 @@ def stop_pids(pids: set[int], timeout: float = 10.0) -> None:
 def launch(overrides: list[str], out_dir: Path | None = None, connection: str | None = None,
            keep_superlink: bool = False, config_name: str = "config") -> int:
     """Run one experiment; returns flwr's exit code (2 for a config error)."""
+    from server.app import check_attack
+
     try:
         cfg = compose_config(overrides, config_name)
+        check_attack(cfg)
     except ConfigError as exc:
         print(f"thorn: config error: {exc}", file=sys.stderr)
         return 2

@@ -7,21 +7,22 @@ mass on malicious clients. The formats are a contract other tools rely on (DESIG
 
 from __future__ import annotations
 
+import io
 import json
-import logging
 import math
 import os
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import flwr
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from strategies.base import RoundReport
-
-log = logging.getLogger("thorn")
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -79,6 +80,7 @@ class RunRecorder:
         self.round_seconds: dict[int, float] = {}
         self.startup_seconds: float | None = None
         self.first_round_started_at: float | None = None  # epoch seconds (bench/overhead.py reads it)
+        self.omniscient: str | None = None  # name of the simulation-only omniscient attack wrapper, if any
         (self.out_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         metrics_path = self.out_dir / METRICS_FILE
         if resume_from_round > 0 and metrics_path.exists():
@@ -184,8 +186,6 @@ class RunRecorder:
         evaluated = [r for r in self.rows if r.get("ma") is not None]
         final = evaluated[-1] if evaluated else {}
         asr_rows = [r for r in evaluated if r.get("asr") is not None]
-        import flwr
-
         summary = {
             "finished": finished,
             "rounds": self.rows[-1]["round"] if self.rows else 0,
@@ -203,6 +203,8 @@ class RunRecorder:
             "strategy": self.cfg.strategy.name,
             "attack": self.cfg.attack.name,
             "dataset": self.cfg.dataset.name,
+            "omniscient_wrapper": (f"{self.omniscient} (simulation-only server-side wrapper)"
+                                   if self.omniscient else None),
             "versions": {"flwr": flwr.__version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         atomic_write_bytes(self.out_dir / SUMMARY_FILE, json.dumps(_clean(summary), indent=2).encode())
@@ -213,11 +215,6 @@ class RunRecorder:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, server_round: int, global_state: dict, strategy_state: dict) -> None:
-        import io
-        import random
-
-        import numpy as np
-
         buffer = io.BytesIO()
         torch.save({
             "round": server_round,

@@ -21,14 +21,17 @@ TRUTH_KEY = "truth"
 POLL_INTERVAL_S = 0.1
 
 TruthSink = Callable[[int, str, dict], None]  # (node id, message type, truth record as a dict)
+# (messages sent, all replies of the round) -> replies; sees the truth (server/omniscient.py, simulation only)
+ReplyRewriter = Callable[[list[Message], list[Message]], list[Message]]
 
 
 class TruthStrippingGrid(Grid):
     """A Grid that delegates everything to `inner` and diverts `truth` records to `sink`."""
 
-    def __init__(self, inner: Grid, sink: TruthSink) -> None:
+    def __init__(self, inner: Grid, sink: TruthSink, rewrite_replies: ReplyRewriter | None = None) -> None:
         self._inner = inner
         self._sink = sink
+        self._rewrite_replies = rewrite_replies
 
     def _strip(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
@@ -64,6 +67,7 @@ class TruthStrippingGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None, while_waiting: Callable[[], None] | None = None):
         """Push, run `while_waiting` (if any), then poll until every reply is in or `timeout` passes."""
+        messages = list(messages)
         pending = set(self._inner.push_messages(messages))
         if while_waiting is not None:
             while_waiting()
@@ -75,4 +79,6 @@ class TruthStrippingGrid(Grid):
             pending -= {m.metadata.reply_to_message_id for m in arrived}
             if pending:
                 time.sleep(POLL_INTERVAL_S)
+        if self._rewrite_replies is not None:  # before stripping: the simulation-only omniscient wrapper
+            replies = self._rewrite_replies(messages, replies)
         return self._strip(replies)

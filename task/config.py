@@ -44,7 +44,8 @@ def check_group_names(overrides: list[str], conf_dir: Path) -> None:
     # check the names first so the user gets one line with the allowed values.
     for item in overrides:
         key, sep, value = item.lstrip("+~").partition("=")
-        if sep and key in CONFIG_GROUPS and value not in ("", "null"):
+        is_group = key in CONFIG_GROUPS or ("/" in key and (conf_dir / key).is_dir())  # e.g. attack/model_poison
+        if sep and is_group and value not in ("", "null"):
             allowed = group_options(key, conf_dir)
             for name in value.split(","):  # a sweep value list: strategy=fedavg,krum
                 if name not in allowed:

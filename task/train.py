@@ -50,8 +50,12 @@ class LocalTrainingConfig:
 
 def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: InputSpec, train_cfg: LocalTrainingConfig,
                 device: torch.device, generator: torch.Generator, batch_hook: BatchHook | None = None,
-                extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
-    """SGD over (x, y) for `epochs`; returns the mean training loss. Batches are shuffled with `generator`."""
+                extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+                after_step: Callable[[nn.Module], None] | None = None) -> float:
+    """SGD over (x, y) for `epochs`; returns the mean training loss. Batches are shuffled with `generator`.
+
+    `batch_hook` edits each pixel-space batch (poisoning), `extra_loss` adds a term to the loss
+    (client-side defenses), `after_step` edits the model after every step (PGD projection, masks)."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
                                 weight_decay=train_cfg.weight_decay)
@@ -77,6 +81,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: InputSpec,
                 loss = loss + extra_loss(model)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             total_loss += float(loss.detach())
             batches += 1
     return total_loss / max(batches, 1)

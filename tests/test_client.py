@@ -54,7 +54,7 @@ def test_malicious_client_poisons_its_batches(setup):
     new, _, _ = client.fit(params, {"server-round": 1})
     benign, _, _ = BenignClient(cfg, data, 1, torch.device("cpu"), keys).fit(params, {"server-round": 1})
     assert any(not np.allclose(a, b) for a, b in zip(new, benign, strict=True))
-    assert BenignClient.is_malicious is False and client.is_malicious is True
+    assert client.attacked and client.in_attacker_pool and not BenignClient.in_attacker_pool
 
 
 def test_who_is_malicious():
@@ -68,3 +68,32 @@ def test_who_is_malicious():
     assert not any(is_malicious(none, i, {}) for i in range(10))
     with pytest.raises(ConfigError):
         node_config_bool("maybe")
+
+
+def test_malicious_client_attacks_only_in_its_schedule_rounds(setup):
+    from attacks.schedule import AttackSchedule
+
+    cfg, data, keys, params = setup
+    poison = instantiate(cfg.attack.poison)
+    client = MaliciousClient(cfg, data, 1, torch.device("cpu"), keys, poison,
+                             schedule=AttackSchedule(start_round=2, end_round=2), pool=frozenset({1}))
+    benign = BenignClient(cfg, data, 1, torch.device("cpu"), keys)
+    out1, _, _ = client.fit(params, {"server-round": 1})
+    assert not client.attacked
+    assert all(np.array_equal(a, b) for a, b in zip(out1, benign.fit(params, {"server-round": 1})[0], strict=True))
+    client.fit(params, {"server-round": 2})
+    assert client.attacked
+
+
+def test_attack_memory_persists_in_context_state(setup):
+    from flwr.app import Context, RecordDict
+
+    from client.app import MEMORY_KEY, load_memory, save_memory
+
+    cfg, data, keys, params = setup
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    client = MaliciousClient(cfg, data, 1, torch.device("cpu"), keys, None, memory=load_memory(context))
+    client.memory["previous_global"] = torch.arange(4.0)
+    save_memory(context, client)
+    assert MEMORY_KEY in context.state
+    assert torch.equal(load_memory(context)["previous_global"], torch.arange(4.0))

@@ -1,0 +1,74 @@
+"""The simulation-only server-side wrapper of omniscient attacks: rewrites attacking replies from the
+benign ones, before the truth is stripped and before any defense sees the replies."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from server.omniscient import OmniscientRewriter
+from server.truth import TruthStrippingGrid
+
+
+def sent_message(node: int, state: dict) -> Message:
+    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({})}), dst_node_id=node,
+                  message_type="train")
+    msg.metadata.__dict__["_message_id"] = f"id-{node}"
+    return msg
+
+
+def reply(to: Message, state: dict, malicious: bool) -> Message:
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10}),
+                               "truth": ConfigRecord({"is-malicious": malicious})}), reply_to=to)
+
+
+def test_attacking_replies_become_global_plus_crafted_update(flower_task_identity):
+    def model(w, mean, steps):
+        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor([mean]),
+                "bn.num_batches_tracked": torch.tensor(steps)}
+
+    g = model([1.0, 1.0], 0.0, 3)
+    local = {1: model([2.0, 1.0], 1.0, 4), 2: model([1.0, 3.0], 3.0, 4), 3: model([9.0, 9.0], 9.0, 4)}
+    sent = [sent_message(n, g) for n in local]
+    replies = [reply(m, local[n], malicious=(n == 3)) for m, n in zip(sent, local, strict=True)]
+    calls = []
+
+    def negative_mean(benign, num_malicious):  # an IPM-like rule with epsilon 1
+        calls.append((benign.clone(), num_malicious))
+        return -benign.mean(0)
+
+    rewriter = OmniscientRewriter("test", negative_mean, trainable_keys=["w"], num_clients=3)
+    out = rewriter(sent, replies)
+    benign_updates, num_malicious = calls[0]
+    assert num_malicious == 1
+    assert torch.equal(benign_updates, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # local - global, benign only
+    attacked = out[2].content["arrays"].to_torch_state_dict()
+    assert torch.allclose(attacked["w"], torch.tensor([0.5, 0.0]))           # global + (-mean update)
+    assert torch.allclose(attacked["bn.running_mean"], torch.tensor([2.0]))  # benign mean of the buffer
+    assert attacked["bn.num_batches_tracked"].item() == 4                   # its own integer buffer
+    assert torch.equal(out[0].content["arrays"].to_torch_state_dict()["w"], local[1]["w"])
+    assert rewriter.rewritten_last_round == 1
+
+
+def test_rewrite_happens_before_the_truth_is_stripped(flower_task_identity):
+    g = {"w": torch.zeros(2)}
+    sent = [sent_message(n, g) for n in (1, 2)]
+    replies = [reply(sent[0], {"w": torch.ones(2)}, False), reply(sent[1], {"w": torch.ones(2)}, True)]
+
+    class Inner:
+        def push_messages(self, messages):
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):
+            return [replies.pop(0)] if replies else []
+
+    seen_truth_in_rewriter = []
+
+    def rewrite(sent_msgs, got):
+        seen_truth_in_rewriter.append(all("truth" in r.content for r in got))
+        return got
+
+    grid = TruthStrippingGrid(Inner(), lambda *a: None, rewrite_replies=rewrite)
+    out = grid.send_and_receive(sent, timeout=5)
+    assert seen_truth_in_rewriter == [True]
+    assert all("truth" not in r.content for r in out)
