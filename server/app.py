@@ -31,6 +31,7 @@ from strategies.base import PostTrainingDefense, ThornStrategy
 from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
 from task.data import federated_data
 from task.models import trainable_state_keys
+from task.partition import malicious_client_ids
 from task.train import build_model, seed_everything
 
 app = ServerApp()
@@ -91,9 +92,16 @@ def check_attack(cfg: DictConfig) -> None:
 
     try:
         AttackSchedule(**OmegaConf.to_container(cfg.attack.schedule, resolve=True))
-        for key in ("poison", "model_poison", "omniscient"):
+        for key in ("poison", "model_poison"):
             if cfg.attack.get(key) is not None:
-                instantiate(cfg.attack[key], _partial_=(key == "omniscient"))
+                instantiate(cfg.attack[key])
+        if cfg.attack.get("omniscient") is not None:
+            # a dry run on zero updates with the expected attacker count (LIE's z needs enough attackers)
+            num_malicious = len(malicious_client_ids(cfg.num_clients, float(cfg.attack.fraction),
+                                                     cfg.attack.malicious_ids, cfg.seed))
+            OmniscientRewriter.craft(instantiate(cfg.attack.omniscient, _partial_=True),
+                                     torch.zeros(max(cfg.num_clients - num_malicious, 1), 3),
+                                     num_clients=cfg.num_clients, num_malicious=num_malicious)
     except (ValueError, TypeError, InstantiationException) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
         raise ConfigError(f"attack={cfg.attack.name}: {cause}") from exc

@@ -34,10 +34,16 @@ class OmniscientRewriter:
         self.trainable_keys = trainable_keys
         self.num_clients = num_clients
         self.rewritten_last_round = 0
-        accepted = inspect.signature(attack_fn).parameters
-        self._wants = {k for k in ("num_clients", "num_malicious") if k in accepted}
         log(INFO, "[thorn] SIMULATION-ONLY omniscient attack %r: a server-side wrapper rewrites the attacking "
             "clients' replies from the benign ones before the defense runs", name)
+
+    @staticmethod
+    def craft(attack_fn: Callable[..., torch.Tensor], benign: torch.Tensor, num_clients: int,
+              num_malicious: int) -> torch.Tensor:
+        """Call the attack with the counts its signature asks for (LIE needs them, IPM does not)."""
+        accepted = inspect.signature(attack_fn).parameters
+        counts = {"num_clients": num_clients, "num_malicious": num_malicious}
+        return attack_fn(benign, **{k: v for k, v in counts.items() if k in accepted})
 
     def __call__(self, sent: list[Message], replies: list[Message]) -> list[Message]:
         self.rewritten_last_round = 0
@@ -54,8 +60,7 @@ class OmniscientRewriter:
         global_vec = flatten_states([global_state], keys)[0]
         benign_states = [r.content["arrays"].to_torch_state_dict() for r in benign]
         updates = flatten_states(benign_states, keys) - global_vec
-        extra = {"num_clients": self.num_clients, "num_malicious": len(attacking)}
-        crafted = self.attack_fn(updates, **{k: v for k, v in extra.items() if k in self._wants})
+        crafted = self.craft(self.attack_fn, updates, self.num_clients, len(attacking))
         new_params = unflatten_vector(global_vec + crafted, global_state, keys)
         # buffers that are not trained (BatchNorm statistics) take the benign clients' mean
         buffers = {k: torch.stack([s[k].to(torch.float64) for s in benign_states]).mean(0).to(global_state[k].dtype)
