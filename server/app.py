@@ -27,12 +27,12 @@ from server.evaluation import attack_success_rate, main_accuracy
 from server.omniscient import OmniscientRewriter
 from server.records import RunRecorder, load_checkpoint
 from server.truth import TruthStrippingGrid
-from strategies.base import PostTrainingDefense, ThornStrategy
+from strategies.base import PostTrainingDefense, ServerContext, ThornStrategy
 from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
 from task.data import federated_data
 from task.models import trainable_state_keys
 from task.partition import malicious_client_ids
-from task.train import build_model, seed_everything
+from task.train import LocalTrainingConfig, build_model, seed_everything
 
 app = ServerApp()
 
@@ -124,6 +124,21 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.seed, 0, 0)  # the initial model is the same in every run with this seed
     model = build_model(cfg, data.spec, data.num_classes).to(device)
     strategy = build_strategy(cfg)
+    strategy.trainable_keys = trainable_state_keys(model)
+    clients_per_round = max(int(cfg.num_clients * float(cfg.fraction_train)), int(cfg.min_train_clients))
+    try:
+        strategy.check_preconditions(clients_per_round)
+    except ValueError as exc:
+        raise ConfigError(f"strategy={cfg.strategy.name}: {exc}") from exc
+    if strategy.needs_server_data:
+        if len(data.server_indices) == 0:
+            raise ConfigError(f"strategy={cfg.strategy.name} needs the server's clean split, but "
+                              "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
+        x_val, y_val = data.server_data()
+        strategy.server_context = ServerContext(
+            x_val=x_val, y_val=y_val, spec=data.spec, device=device, seed=int(cfg.seed),
+            build_model=lambda: build_model(cfg, data.spec, data.num_classes),
+            local=LocalTrainingConfig.from_cfg(cfg.local))
 
     checkpoint = load_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:

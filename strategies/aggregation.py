@@ -55,3 +55,25 @@ def weighted_average_states(states: Sequence[StateDict], weights: Sequence[float
         if k not in averaged:  # integer buffers such as num_batches_tracked
             averaged[k] = torch.stack([s[k] for s in states]).amax(0)
     return {k: averaged[k] for k in template}  # keep the state dict's key order
+
+
+BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def default_trainable_keys(state: StateDict) -> list[str]:
+    """Floating entries that are not BatchNorm statistics: the fallback when the model is unknown."""
+    return [k for k, v in state.items() if torch.is_floating_point(v) and not k.endswith(BN_BUFFER_SUFFIXES)]
+
+
+def update_matrix(states: Sequence[StateDict], global_state: StateDict, keys: Sequence[str]) -> torch.Tensor:
+    """(clients, parameters) matrix of updates (local - global) over `keys` (trainable parameters)."""
+    return flatten_states(states, keys) - flatten_states([global_state], keys)[0]
+
+
+def apply_update(global_state: StateDict, update: torch.Tensor, keys: Sequence[str],
+                 buffers_from: StateDict | None = None) -> StateDict:
+    """global + update on `keys`; every other entry from `buffers_from` (e.g. a FedAvg of the kept
+    clients, so BatchNorm statistics stay sensible), else from the global model."""
+    new = unflatten_vector(flatten_states([global_state], keys)[0] + update, global_state, keys)
+    source = buffers_from if buffers_from is not None else global_state
+    return {k: new[k] if k in new else source[k] for k in global_state}

@@ -33,12 +33,26 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import StateDict, weighted_average_states
+from strategies.aggregation import StateDict, default_trainable_keys, weighted_average_states
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
+
+
+@dataclass
+class ServerContext:
+    """What the server itself holds, for defenses that need it (FLTrust's root data, SDFC's Fisher,
+    FIP's purification): its clean split, a way to build the model, and the local training setup."""
+
+    x_val: Any                       # uint8 NHWC images of the server's clean split
+    y_val: Any                       # int64 labels
+    spec: Any                        # task.data.InputSpec
+    build_model: Any                 # () -> torch.nn.Module (fresh, untrained)
+    device: torch.device
+    local: Any                       # task.train.LocalTrainingConfig
+    seed: int = 0
 
 
 @dataclass
@@ -116,6 +130,7 @@ class ThornStrategy(FedAvg):
     """Base of every thorn strategy. Subclasses implement `aggregate_updates` (or a category's hook)."""
 
     category = "robust_aggregation"
+    needs_server_data = False  # True: the server hands it a ServerContext (needs server.val_fraction > 0)
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  **kwargs: Any) -> None:
@@ -123,6 +138,17 @@ class ThornStrategy(FedAvg):
                          min_evaluate_nodes=0, min_available_nodes=min_available_nodes, **kwargs)
         self.global_state: StateDict | None = None
         self.last_report: RoundReport | None = None
+        # Set by the ServerApp before round 1: the model's trainable keys (distances, norms and
+        # clustering use these only, never BatchNorm statistics) and, if needed, the server context.
+        self.trainable_keys: list[str] | None = None
+        self.server_context: ServerContext | None = None
+
+    def keys_for_vectors(self, state: StateDict) -> list[str]:
+        return self.trainable_keys if self.trainable_keys is not None else default_trainable_keys(state)
+
+    def check_preconditions(self, clients_per_round: int) -> None:
+        """Raise ValueError (one line naming the key) when the rule cannot work with this many clients
+        per round, e.g. Krum needs n > 2f + 2. Called before round 1."""
 
     # ---- hooks for subclasses ------------------------------------------------------------------
     def aggregate_updates(self, server_round: int, global_state: StateDict,
