@@ -134,8 +134,11 @@ class ThornStrategy(FedAvg):
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  **kwargs: Any) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0, min_train_nodes=min_train_nodes,
-                         min_evaluate_nodes=0, min_available_nodes=min_available_nodes, **kwargs)
+        super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes,
+                         min_available_nodes=min_available_nodes, **kwargs)
+        # thorn evaluates centrally (MA/ASR on the server); no federated evaluation round. Set after
+        # __init__ because FedAvg logs a warning for every instance built with fraction_evaluate=0.
+        self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0
         self.global_state: StateDict | None = None
         self.last_report: RoundReport | None = None
         # Set by the ServerApp before round 1: the model's trainable keys (distances, norms and
