@@ -21,6 +21,7 @@ import gc
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -74,13 +75,32 @@ def server_context(model_cls, channels: int, size: int) -> ServerContext:
                          local=LocalTrainingConfig(epochs=1, lr=0.01, batch_size=32), seed=0)
 
 
-def time_call(fn, repeats: int) -> float:
+def thorn_aggregation(setting: tuple, name: str):
+    """A zero-argument call of thorn strategy `name`'s aggregate_train on the setting's replies."""
+    model, model_cls, channels, size, n, global_state, replies = setting
+    strategy = build_strategy(compose_config([f"strategy={name}", f"num_clients={n}", "min_train_clients=1"]))
+    strategy.trainable_keys = trainable_state_keys(model)
+    if strategy.needs_server_data:
+        strategy.server_context = server_context(model_cls, channels, size)
+    strategy.check_preconditions(n)  # ValueError: this n cannot work with this rule
+    strategy.global_state = global_state
+    return partial(strategy.aggregate_train, 1, replies)
+
+
+def fresh_replies(model: torch.nn.Module, n: int) -> list[Message]:
+    return make_messages(model, n, seed=n)[1]
+
+
+def time_call(fn, repeats: int, setup=None) -> float:
+    """Median seconds of `fn(setup())` (setup untimed; None: `fn()`)."""
     times = []
     for _ in range(repeats):
+        arg = setup() if setup is not None else None
         gc.collect()
         t0 = time.perf_counter()
-        fn()
+        fn() if setup is None else fn(arg)
         times.append(time.perf_counter() - t0)
+        del arg
     return statistics.median(times)
 
 
@@ -106,29 +126,23 @@ def main() -> None:
             global_state, replies = make_messages(model, n, seed=n)
             rows = []
 
-            def run_thorn(name: str):
-                strategy = build_strategy(compose_config([f"strategy={name}", f"num_clients={n}",
-                                                          "min_train_clients=1"]))
-                strategy.trainable_keys = trainable_state_keys(model)
-                if strategy.needs_server_data:
-                    strategy.server_context = server_context(model_cls, channels, size)
-                strategy.check_preconditions(n)  # ValueError: this n cannot work with this rule
-                strategy.global_state = global_state
-                return lambda: strategy.aggregate_train(1, replies)
-
-            run_thorn("fedavg")()  # warm-up (allocator, caches), untimed
-            fedavg = time_call(run_thorn("fedavg"), repeats)
+            setting = (model, model_cls, channels, size, n, global_state, replies)
+            thorn_aggregation(setting, "fedavg")()  # warm-up (allocator, caches), untimed
+            fedavg = time_call(thorn_aggregation(setting, "fedavg"), repeats)
             for name in names:
                 try:
-                    seconds = time_call(run_thorn(name), repeats)
+                    seconds = time_call(thorn_aggregation(setting, name), repeats)
                 except ValueError as exc:  # a precondition that this n cannot meet
                     rows.append((name, None, None, None, str(exc)))
                     continue
                 flower_ratio = flower_seconds = None
                 if name in FLOWER_EQUIVALENT:
+                    # Flower's FedMedian/FedTrimmedAvg/Bulyan empty the replies they aggregate (to free
+                    # memory), so each of their runs gets freshly built, identical replies (untimed).
                     cls_name, kwargs = FLOWER_EQUIVALENT[name]
                     flower = getattr(flower_strategies, cls_name)(**kwargs(args.num_malicious))
-                    flower_seconds = time_call(lambda flower=flower: flower.aggregate_train(1, replies), repeats)
+                    flower_seconds = time_call(lambda fresh, flower=flower: flower.aggregate_train(1, fresh),
+                                               repeats, setup=partial(fresh_replies, model, n))
                     flower_ratio = flower_seconds / seconds
                 rows.append((name, seconds, seconds / fedavg, flower_ratio, flower_seconds))
             print(f"\n{model_name} (d = {d:,} parameters), n = {n} clients, FedAvg {fedavg:.3f} s")
@@ -140,7 +154,7 @@ def main() -> None:
                 flower_cols = (f"{extra:>10.3f}{flower_ratio:>13.1f}x" if flower_ratio is not None
                                else f"{'':>10}{'':>14}")
                 print(f"{name:<16}{seconds:>10.3f}{ratio:>10.2f}{flower_cols}", flush=True)
-            del replies
+            del replies, setting
             gc.collect()
 
 

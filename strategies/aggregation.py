@@ -22,9 +22,9 @@ def float_keys(state: StateDict) -> list[str]:
     return [k for k, v in state.items() if torch.is_floating_point(v)]
 
 
-def flatten_states(states: Sequence[StateDict], keys: Sequence[str]) -> torch.Tensor:
-    """Stack the `keys` of every state into a float32 matrix of shape (clients, parameters)."""
-    return torch.stack([torch.cat([s[k].reshape(-1).to(torch.float32) for k in keys]) for s in states])
+def flatten_states(states: Sequence[StateDict], keys: Sequence[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stack the `keys` of every state into a matrix of shape (clients, parameters)."""
+    return torch.stack([torch.cat([s[k].reshape(-1).to(dtype) for k in keys]) for s in states])
 
 
 def unflatten_vector(vector: torch.Tensor, template: StateDict, keys: Sequence[str]) -> StateDict:
@@ -49,8 +49,8 @@ def weighted_average_states(states: Sequence[StateDict], weights: Sequence[float
     w = normalise_weights(weights)
     template = states[0]
     keys = float_keys(template)
-    matrix = flatten_states(states, keys).to(torch.float64)
-    averaged = unflatten_vector(w @ matrix, template, keys)
+    # straight to float64 (no float32 copy on the way): 100 clients x 11 M parameters is 8.8 GB already
+    averaged = unflatten_vector(w @ flatten_states(states, keys, torch.float64), template, keys)
     for k in template:
         if k not in averaged:  # integer buffers such as num_batches_tracked
             averaged[k] = torch.stack([s[k] for s in states]).amax(0)
