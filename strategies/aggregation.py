@@ -22,7 +22,8 @@ def float_keys(state: StateDict) -> list[str]:
     return [k for k, v in state.items() if torch.is_floating_point(v)]
 
 
-def flatten_states(states: Sequence[StateDict], keys: Sequence[str], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def flatten_states(states: Sequence[StateDict], keys: Sequence[str],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stack the `keys` of every state into a matrix of shape (clients, parameters)."""
     return torch.stack([torch.cat([s[k].reshape(-1).to(dtype) for k in keys]) for s in states])
 
