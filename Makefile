@@ -55,6 +55,7 @@ sweep: setup
 
 bench: setup
 	$(PY) bench/overhead.py
+	$(PY) bench/aggregation.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -132,3 +132,27 @@ def test_resume_continues_from_the_checkpoint_without_duplicating_rounds(tmp_pat
     assert rows[:2] == one_round  # the rounds before the checkpoint are kept as they were
     assert "resuming" in second.stdout + second.stderr
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, check", [
+    (["strategy=median", "attack=ipm"], "omniscient"),
+    (["strategy=flame", "attack=dba"], "detection"),
+])
+def test_attacks_and_defenses_run_through_flower(tmp_path, overrides, check):
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    proc = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke", *overrides], home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(out)[1:]
+    summary = json.loads((out / "summary.json").read_text())
+    if check == "omniscient":
+        # the simulation-only wrapper rewrote exactly the attacking clients, and says so
+        assert all(r["omniscient_rewritten"] == r["n_malicious"] == 1 for r in rows)
+        assert summary["omniscient_wrapper"] == "ipm (simulation-only server-side wrapper)"
+        assert summary["final_asr"] is None  # untargeted: no trigger, no ASR
+        assert "SIMULATION-ONLY" in proc.stdout + proc.stderr
+    else:
+        for r in rows:  # FLAME filters: detection counts over all 4 clients, 1 of them malicious
+            det = r["detection"]
+            assert sum(det.values()) == 4 and det["tp"] + det["fn"] == 1
+        assert summary["omniscient_wrapper"] is None and summary["final_asr"] is not None
