@@ -16,7 +16,10 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: setup run test test-fast sweep bench lint data clean
+NODES ?= 3
+MALICIOUS ?= 0
+
+.PHONY: setup run test test-fast sweep bench lint data clean deploy-local docker-validate
 
 setup: $(STAMP) data
 
@@ -56,6 +59,13 @@ sweep: setup
 bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/aggregation.py
+
+# the real deployment engine on 127.0.0.1 (TLS + SuperNode authentication), stopped by PID afterwards
+deploy-local: setup
+	$(PY) -m server.deploy local --nodes $(NODES) --malicious $(MALICIOUS) $(OVERRIDES)
+
+docker-validate:
+	PYTHON=$(PYTHON) docker/validate.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

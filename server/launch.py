@@ -96,7 +96,7 @@ def stop_pids(pids: set[int], timeout: float = 10.0) -> None:
 
 
 def launch(overrides: list[str], out_dir: Path | None = None, connection: str | None = None,
-           keep_superlink: bool = False, config_name: str = "config") -> int:
+           keep_superlink: bool = False, config_name: str = "config", check_records: bool = True) -> int:
     """Run one experiment; returns flwr's exit code (2 for a config error)."""
     from server.app import check_attack
 
@@ -117,7 +117,7 @@ def launch(overrides: list[str], out_dir: Path | None = None, connection: str | 
     if connection is None and not keep_superlink:
         stop_pids(local_superlink_pids() - before)
     summary = out_dir / "summary.json"
-    if code == 0 and not (summary.exists() and json.loads(summary.read_text()).get("finished")):
+    if check_records and code == 0 and not (summary.exists() and json.loads(summary.read_text()).get("finished")):
         print(f"thorn: the run did not finish (no finished summary.json in {out_dir}); see the log above",
               file=sys.stderr)
         code = 1
@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(deployment); default: local simulation")
     parser.add_argument("--keep-superlink", action="store_true", help="leave the local SuperLink running")
     parser.add_argument("--config-name", default="config")
+    parser.add_argument("--remote-records", action="store_true", help="the ServerApp writes its records on "
+                        "another machine or container (do not look for them here)")
     args = parser.parse_args(argv)
     return launch(args.overrides, Path(args.out_dir) if args.out_dir else None, args.connection,
-                  args.keep_superlink, args.config_name)
+                  args.keep_superlink, args.config_name, check_records=not args.remote_records)
 
 
 if __name__ == "__main__":
