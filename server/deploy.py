@@ -45,13 +45,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from server.launch import FLWR_ENV
 from task.config import PROJECT_ROOT
 
-FLWR_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
 BIN_DIR = Path(sys.executable).parent  # the flwr CLIs of this environment
 DEFAULT_CONNECTION = "thorn-local"
 UNREGISTERED_KEY_ERROR = "No SuperNode found with the given public key"

@@ -5,34 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_messages import assert_same, replies_for, run_thorn
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
 from strategies.median import MedianStrategy, coordinate_median
 from strategies.trimmed_mean import TrimmedMeanStrategy, trimmed_count, trimmed_mean
-
-
-def train_message(node: int, global_state: dict) -> Message:
-    msg = Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
-                  dst_node_id=node, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"id-{node}"
-    return msg
-
-
-def replies_for(states: list[dict], examples: list[int], global_state: dict) -> list[Message]:
-    """Fresh reply messages (Flower's strategies consume their arrays); node ids 100, 101, ..."""
-    out = []
-    for i, (s, n) in enumerate(zip(states, examples, strict=True)):
-        content = RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in s.items()}),
-                              "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5})})
-        out.append(Message(content, reply_to=train_message(100 + i, global_state)))
-    return out
-
-
-def run_thorn(strategy, states, examples, global_state):
-    strategy.global_state = global_state
-    arrays, _ = strategy.aggregate_train(1, replies_for(states, examples, global_state))
-    return arrays.to_torch_state_dict()
 
 
 def t64(rows) -> torch.Tensor:
@@ -127,13 +104,6 @@ def random_round(n: int, seed: int):
         states.append({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in g.items()})
     examples = torch.randint(10, 500, (n,), generator=gen).tolist()
     return g, states, examples
-
-
-def assert_same(thorn: dict, flower: ArrayRecord):
-    theirs = flower.to_torch_state_dict()
-    assert list(theirs) == list(thorn)
-    for k in thorn:
-        torch.testing.assert_close(thorn[k], theirs[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [11, 10])

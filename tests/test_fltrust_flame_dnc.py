@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_messages import run_round as shared_run_round
 from torch import nn
 
 from server.app import build_strategy
@@ -32,22 +32,9 @@ KEYS = ["fc.weight", "fc.bias"]
 
 
 # ---- Flower plumbing ------------------------------------------------------------------------------
-def train_message(node: int, global_state: dict) -> Message:
-    msg = Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
-                  dst_node_id=node, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"id-{node}"
-    return msg
-
-
 def run_round(strategy, global_state: dict, states: dict[int, dict], num_examples: int = 10, server_round: int = 1):
-    strategy.global_state = global_state
-    replies = []
-    for node, s in states.items():
-        content = RecordDict({"arrays": ArrayRecord(s),
-                              "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.1})})
-        replies.append(Message(content, reply_to=train_message(node, global_state)))
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return None if arrays is None else arrays.to_torch_state_dict()
+    return shared_run_round(strategy, [(node, s, num_examples) for node, s in states.items()], global_state,
+                            server_round)
 
 
 def linear_state(vector: torch.Tensor) -> dict[str, torch.Tensor]:

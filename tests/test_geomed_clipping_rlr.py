@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_messages import run_round
 
 from strategies.geomed import GeoMedStrategy, geometric_median
 from strategies.norm_clipping import (
@@ -20,24 +20,6 @@ from strategies.rlr import RLRStrategy, rlr_step, robust_learning_rate
 
 
 # ---- Flower message helpers (as in tests/test_strategies.py) ------------------------------------
-def train_message(node: int, global_state: dict) -> Message:
-    msg = Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
-                  dst_node_id=node, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"id-{node}"
-    return msg
-
-
-def run_round(strategy, spec: list[tuple[int, dict, int]], global_state: dict, server_round: int = 1):
-    """spec: (node id, uploaded state, num-examples); returns the new global state dict."""
-    strategy.global_state = global_state
-    msgs = [train_message(node, global_state) for node, _, _ in spec]
-    replies = [Message(RecordDict({"arrays": ArrayRecord(s),
-                                   "metrics": MetricRecord({"num-examples": n, "train-loss": 0.1})}), reply_to=m)
-               for m, (_, s, n) in zip(msgs, spec, strict=True)]
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return arrays.to_torch_state_dict()
-
-
 def fc(weight: list[list[float]], bias: list[float], **extra) -> dict[str, torch.Tensor]:
     return {"fc.weight": torch.tensor(weight), "fc.bias": torch.tensor(bias), **extra}
 

@@ -4,22 +4,10 @@ benign ones, before the truth is stripped and before any defense sees the replie
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_messages import reply_to, train_message
 
 from server.omniscient import OmniscientRewriter
 from server.truth import TruthStrippingGrid
-
-
-def sent_message(node: int, state: dict) -> Message:
-    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({})}), dst_node_id=node,
-                  message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"id-{node}"
-    return msg
-
-
-def reply(to: Message, state: dict, malicious: bool) -> Message:
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10}),
-                               "truth": ConfigRecord({"is-malicious": malicious})}), reply_to=to)
 
 
 def test_attacking_replies_become_global_plus_crafted_update(flower_task_identity):
@@ -29,8 +17,8 @@ def test_attacking_replies_become_global_plus_crafted_update(flower_task_identit
 
     g = model([1.0, 1.0], 0.0, 3)
     local = {1: model([2.0, 1.0], 1.0, 4), 2: model([1.0, 3.0], 3.0, 4), 3: model([9.0, 9.0], 9.0, 4)}
-    sent = [sent_message(n, g) for n in local]
-    replies = [reply(m, local[n], malicious=(n == 3)) for m, n in zip(sent, local, strict=True)]
+    sent = [train_message(n, g) for n in local]
+    replies = [reply_to(m, local[n], 10, truth=(n == 3)) for m, n in zip(sent, local, strict=True)]
     calls = []
 
     def negative_mean(benign, num_malicious):  # an IPM-like rule with epsilon 1
@@ -52,8 +40,9 @@ def test_attacking_replies_become_global_plus_crafted_update(flower_task_identit
 
 def test_rewrite_happens_before_the_truth_is_stripped(flower_task_identity):
     g = {"w": torch.zeros(2)}
-    sent = [sent_message(n, g) for n in (1, 2)]
-    replies = [reply(sent[0], {"w": torch.ones(2)}, False), reply(sent[1], {"w": torch.ones(2)}, True)]
+    sent = [train_message(n, g) for n in (1, 2)]
+    replies = [reply_to(sent[0], {"w": torch.ones(2)}, 10, truth=False),
+               reply_to(sent[1], {"w": torch.ones(2)}, 10, truth=True)]
 
     class Inner:
         def push_messages(self, messages):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flower_messages import reply_to as make_reply
+from flower_messages import train_message
+from flwr.app import ArrayRecord, ConfigRecord
 
 from server.truth import TruthStrippingGrid
 from strategies.aggregation import flatten_states, unflatten_vector, weighted_average_states
@@ -38,20 +40,6 @@ def test_flatten_unflatten_roundtrip():
 def test_invalid_weights_are_rejected(weights):
     with pytest.raises(ValueError):
         weighted_average_states([state(1, 1, 1), state(2, 2, 2)][: max(len(weights), 1)], weights)
-
-
-def make_reply(to: Message, s: dict, n, loss: float = 0.5, truth: bool | None = None) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n, "train-loss": loss})})
-    if truth is not None:
-        content["truth"] = ConfigRecord({"is-malicious": truth})
-    return Message(content, reply_to=to)
-
-
-def train_message(node: int, global_state: dict) -> Message:
-    msg = Message(RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord({})}),
-                  dst_node_id=node, message_type="train")
-    msg.metadata.__dict__["_message_id"] = f"id-{node}"  # what pushing assigns (as InMemoryGrid does)
-    return msg
 
 
 class DropNode(AnomalyDetection):
