@@ -62,6 +62,32 @@ class TriggerPoison(ABC):
         return x, y, mask
 
 
+class SourceClassPoison(TriggerPoison):
+    """A poison that acts on the samples of one source class only (semantic backdoor, label flip):
+    it picks round(poison_ratio * #source samples) of each batch's source-class samples, and its
+    ASR is the share of source-class test images classified as the target."""
+
+    def __init__(self, source_label: int, target_label: int, poison_ratio: float) -> None:
+        super().__init__(target_label, poison_ratio)
+        if int(source_label) == int(target_label):
+            raise ValueError(f"attack.poison.source_label={source_label} must differ from target_label")
+        if int(source_label) < 0:
+            raise ValueError(f"attack.poison.source_label={source_label} must be a class index >= 0")
+        self.source_label = int(source_label)
+
+    def asr_mask(self, y: np.ndarray, exclude_target: bool = True) -> np.ndarray:
+        return np.asarray(y) == self.source_label
+
+    def choose_source_samples(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Boolean mask over the batch of the source-class samples to poison."""
+        mask = torch.zeros(y.shape[0], dtype=torch.bool)
+        candidates = torch.nonzero(y.cpu() == self.source_label).flatten()
+        count = round(self.poison_ratio * len(candidates))
+        if count > 0:
+            mask[candidates[torch.randperm(len(candidates), generator=generator)[:count]]] = True
+        return mask
+
+
 class ModelPoison:
     """Changes a malicious client's model around local training; the default changes nothing.
 

@@ -14,35 +14,23 @@ several attacks.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from attacks.base import TriggerPoison
+from attacks.base import SourceClassPoison
 
 
-class LabelFlip(TriggerPoison):
+class LabelFlip(SourceClassPoison):
     def __init__(self, source_label: int = 0, target_label: int = 2, poison_ratio: float = 1.0) -> None:
-        super().__init__(target_label, poison_ratio)
-        if int(source_label) == int(target_label):
-            raise ValueError(f"attack.poison.source_label={source_label} must differ from target_label")
-        if int(source_label) < 0:
-            raise ValueError(f"attack.poison.source_label={source_label} must be a class index >= 0")
-        self.source_label = int(source_label)
+        super().__init__(source_label, target_label, poison_ratio)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
-    def asr_mask(self, y: np.ndarray, exclude_target: bool = True) -> np.ndarray:
-        return np.asarray(y) == self.source_label
-
     def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask = torch.zeros(x.shape[0], dtype=torch.bool)
-        candidates = torch.nonzero(y.cpu() == self.source_label).flatten()
-        count = round(self.poison_ratio * len(candidates))
-        if count == 0:
+        mask = self.choose_source_samples(y, generator)
+        if not mask.any():
             return x, y, mask
-        mask[candidates[torch.randperm(len(candidates), generator=generator)[:count]]] = True
         y = y.clone()
         y[mask] = self.target_label
         return x, y, mask

@@ -18,23 +18,18 @@ Inferred: sigma is in pixel space ([0, 1]), like every trigger in thorn.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from attacks.base import TriggerPoison
+from attacks.base import SourceClassPoison
 
 
-class SemanticBackdoor(TriggerPoison):
+class SemanticBackdoor(SourceClassPoison):
     def __init__(self, source_label: int = 3, target_label: int = 2, sigma: float = 0.05,
                  poison_ratio: float = 1.0, seed: int = 0) -> None:
-        super().__init__(target_label, poison_ratio)
-        if int(source_label) == int(target_label):
-            raise ValueError(f"attack.poison.source_label={source_label} must differ from target_label")
-        if int(source_label) < 0:
-            raise ValueError(f"attack.poison.source_label={source_label} must be a class index >= 0")
+        super().__init__(source_label, target_label, poison_ratio)
         if not float(sigma) >= 0.0:
             raise ValueError(f"attack.poison.sigma={sigma} must be >= 0")
-        self.source_label, self.sigma, self.seed = int(source_label), float(sigma), int(seed)
+        self.sigma, self.seed = float(sigma), int(seed)
 
     def add_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x.shape, generator=generator) * self.sigma
@@ -43,17 +38,11 @@ class SemanticBackdoor(TriggerPoison):
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_noise(x, torch.Generator().manual_seed(self.seed))
 
-    def asr_mask(self, y: np.ndarray, exclude_target: bool = True) -> np.ndarray:
-        return np.asarray(y) == self.source_label
-
     def poison_batch(self, x: torch.Tensor, y: torch.Tensor,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask = torch.zeros(x.shape[0], dtype=torch.bool)
-        candidates = torch.nonzero(y.cpu() == self.source_label).flatten()
-        count = round(self.poison_ratio * len(candidates))
-        if count == 0:
+        mask = self.choose_source_samples(y, generator)
+        if not mask.any():
             return x, y, mask
-        mask[candidates[torch.randperm(len(candidates), generator=generator)[:count]]] = True
         x, y = x.clone(), y.clone()
         x[mask] = self.add_noise(x[mask], generator)
         y[mask] = self.target_label
