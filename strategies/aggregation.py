@@ -45,13 +45,26 @@ def normalise_weights(weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return w / w.sum()
 
 
+AVERAGE_CHUNK = 4_000_000  # parameters per float64 block in weighted_average_states
+
+
 def weighted_average_states(states: Sequence[StateDict], weights: Sequence[float] | torch.Tensor) -> StateDict:
     """Weighted mean of full state dicts (floating entries); integer buffers take the max over clients."""
     w = normalise_weights(weights)
     template = states[0]
     keys = float_keys(template)
-    # straight to float64 (no float32 copy on the way): 100 clients x 11 M parameters is 8.8 GB already
-    averaged = unflatten_vector(w @ flatten_states(states, keys, torch.float64), template, keys)
+    # float64 matrix-vector products over groups of keys of at most ~4 M parameters: each parameter's
+    # weighted sum is the same dot product over clients as with the whole matrix, but 100 clients of an
+    # 11 M-parameter model need 3.2 GB at a time instead of 8.8 GB.
+    parts, group, size = [], [], 0
+    for k in keys:
+        group.append(k)
+        size += template[k].numel()
+        if size >= AVERAGE_CHUNK or k == keys[-1]:
+            parts.append(w.to(torch.float64) @ flatten_states(states, group, torch.float64))
+            group, size = [], 0
+    total = torch.cat(parts)
+    averaged = unflatten_vector(total, template, keys)
     for k in template:
         if k not in averaged:  # integer buffers such as num_batches_tracked
             averaged[k] = torch.stack([s[k] for s in states]).amax(0)
