@@ -107,6 +107,27 @@ def check_attack(cfg: DictConfig) -> None:
         raise ConfigError(f"attack={cfg.attack.name}: {cause}") from exc
 
 
+def clients_per_round(cfg: DictConfig) -> int:
+    """How many clients FedAvg's sampling picks per round with this config."""
+    return max(int(cfg.num_clients * float(cfg.fraction_train)), int(cfg.min_train_clients))
+
+
+def check_run(cfg: DictConfig) -> ThornStrategy:
+    """Everything the config alone decides, checked before any data is loaded or Flower is started
+    (the launcher calls it too): the attack's parts, the strategy's preconditions, the server split a
+    defense needs. Returns the built strategy."""
+    check_attack(cfg)
+    strategy = build_strategy(cfg)
+    try:
+        strategy.check_preconditions(clients_per_round(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"strategy={cfg.strategy.name}: {exc}") from exc
+    if strategy.needs_server_data and float(cfg.server.val_fraction) == 0.0:
+        raise ConfigError(f"strategy={cfg.strategy.name} needs the server's clean split, but "
+                          "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
+    return strategy
+
+
 def percent(value: float | None) -> str:
     return "  n/a " if value is None else f"{100 * value:6.2f}%"
 
@@ -116,24 +137,18 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     t_start = time.time()
     random.seed(cfg.seed)  # Flower samples clients with `random`
     np.random.seed(cfg.seed)
-    check_attack(cfg)
+    strategy = check_run(cfg)
+    if cfg.attack.get("omniscient") and not is_simulation(grid):
+        raise ConfigError(f"attack={cfg.attack.name} is an omniscient attack: it needs the simulation engine "
+                          "(no client can see the others' updates in a deployment)")
     wait_for_clients(grid, cfg)
     data = federated_data(cfg)
     device = resolve_device(cfg.device)
     poison = instantiate(cfg.attack.poison) if cfg.attack.poison is not None else None
     seed_everything(cfg.seed, 0, 0)  # the initial model is the same in every run with this seed
     model = build_model(cfg, data.spec, data.num_classes).to(device)
-    strategy = build_strategy(cfg)
     strategy.trainable_keys = trainable_state_keys(model)
-    clients_per_round = max(int(cfg.num_clients * float(cfg.fraction_train)), int(cfg.min_train_clients))
-    try:
-        strategy.check_preconditions(clients_per_round)
-    except ValueError as exc:
-        raise ConfigError(f"strategy={cfg.strategy.name}: {exc}") from exc
     if strategy.needs_server_data:
-        if len(data.server_indices) == 0:
-            raise ConfigError(f"strategy={cfg.strategy.name} needs the server's clean split, but "
-                              "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
         x_val, y_val = data.server_data()
         strategy.server_context = ServerContext(
             x_val=x_val, y_val=y_val, spec=data.spec, device=device, seed=int(cfg.seed),
@@ -158,9 +173,6 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
         recorder.truth.update(checkpoint.get("truth", {}))
     rewriter = None
     if cfg.attack.get("omniscient"):
-        if not is_simulation(grid):
-            raise ConfigError(f"attack={cfg.attack.name} is an omniscient attack: it needs the simulation engine "
-                              "(no client can see the others' updates in a deployment)")
         rewriter = OmniscientRewriter(cfg.attack.name, instantiate(cfg.attack.omniscient, _partial_=True),
                                       trainable_state_keys(model), int(cfg.num_clients))
         recorder.omniscient = cfg.attack.name
@@ -195,16 +207,17 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
             arrays = new_arrays
         t_round = time.perf_counter() - t0
         recorder.round_seconds[server_round] = t_round
+        global_state = arrays.to_torch_state_dict()
         ma = asr = None
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(global_state)
             ma, asr = evaluate(model)
         report = strategy.last_report
         row = recorder.round_row(server_round, report, ma, asr, t_round)
         if rewriter is not None:
             row["omniscient_rewritten"] = rewriter.rewritten_last_round
         recorder.write_round(row)
-        recorder.save_checkpoint(server_round, arrays.to_torch_state_dict(), strategy.state_dict())
+        recorder.save_checkpoint(server_round, global_state, strategy.state_dict())
         recorder.write_summary(finished=False)
         loss = row.get("train_loss")
         log(INFO, "[thorn] round %3d/%d | MA %s | ASR %s | loss %s | %d clients%s | %.1f s", server_round,

@@ -98,11 +98,11 @@ def stop_pids(pids: set[int], timeout: float = 10.0) -> None:
 def launch(overrides: list[str], out_dir: Path | None = None, connection: str | None = None,
            keep_superlink: bool = False, config_name: str = "config", check_records: bool = True) -> int:
     """Run one experiment; returns flwr's exit code (2 for a config error)."""
-    from server.app import check_attack
+    from server.app import check_run
 
     try:
         cfg = compose_config(overrides, config_name)
-        check_attack(cfg)
+        check_run(cfg)
     except ConfigError as exc:
         print(f"thorn: config error: {exc}", file=sys.stderr)
         return 2

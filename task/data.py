@@ -7,6 +7,7 @@ into float tensors only when they are used, which keeps triggers in pixel space 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -116,7 +117,7 @@ def federated_data(cfg: DictConfig) -> FederatedData:
     keys = {"dataset": cfg.dataset, "partition": cfg.partition, "num_clients": cfg.num_clients,
             "seed": cfg.seed, "val_fraction": cfg.server.val_fraction,
             "model_input": [cfg.model.input_size, cfg.model.input_channels]}
-    cache_key = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keys), resolve=True)))
+    cache_key = json.dumps(OmegaConf.to_container(OmegaConf.create(keys), resolve=True), sort_keys=True)
     if cache_key in _CACHE:
         return _CACHE[cache_key]
     ds_cfg = cfg.dataset

@@ -167,3 +167,16 @@ def test_attacks_and_defenses_run_through_flower(tmp_path, overrides, check):
             det = r["detection"]
             assert sum(det.values()) == 4 and det["tp"] + det["fn"] == 1
         assert summary["omniscient_wrapper"] is None and summary["final_asr"] is not None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=bulyan"], "strategy=bulyan: strategy.num_malicious=3 needs n >= 4f + 3 = 15 clients per round"),
+    (["strategy=fltrust", "server.val_fraction=0"], "strategy=fltrust needs the server's clean split"),
+    (["attack=lie", "experiment=smoke"], "attack=lie: LIE: z"),
+])
+def test_config_only_errors_stop_before_flower_starts(tmp_path, overrides, message):
+    proc = run([sys.executable, "-m", "server.launch", *overrides], tmp_path / "home", timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "flwr run" not in proc.stdout
