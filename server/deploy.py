@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from server.launch import FLWR_ENV
+from server.launch import FLWR_ENV, signal_pids
 from task.config import PROJECT_ROOT
 
 BIN_DIR = Path(sys.executable).parent  # the flwr CLIs of this environment
@@ -219,11 +219,7 @@ def stop_processes(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> No
     """SIGTERM every process and what it spawned (its session), SIGKILL what is left after `timeout`."""
     sessions = {p.pid for p in procs}
     targets = {p.pid for p in procs if p.running()} | session_members(sessions)
-    for pid in targets:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    signal_pids(targets, signal.SIGTERM)
     deadline = time.time() + timeout
     while time.time() < deadline:
         for p in procs:
@@ -232,11 +228,7 @@ def stop_processes(procs: Sequence[ManagedProcess], timeout: float = 10.0) -> No
         if not targets:
             break
         time.sleep(0.2)
-    for pid in targets | session_members(sessions):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_pids(targets | session_members(sessions), signal.SIGKILL)
     for p in procs:
         try:
             p.popen.wait(timeout=5)

@@ -81,18 +81,22 @@ def local_superlink_pids() -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
-def stop_pids(pids: set[int], timeout: float = 10.0) -> None:
+def signal_pids(pids: set[int], sig: int) -> None:
+    """Send `sig` to each pid; one that has already gone is no error."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def stop_pids(pids: set[int], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after `timeout`."""
+    signal_pids(pids, signal.SIGTERM)
     deadline = time.time() + timeout
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
         time.sleep(0.2)
-    for pid in pids:
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+    signal_pids({p for p in pids if Path(f"/proc/{p}").exists()}, signal.SIGKILL)
 
 
 def launch(overrides: list[str], out_dir: Path | None = None, connection: str | None = None,
