@@ -186,6 +186,12 @@ class RunRecorder:
         evaluated = [r for r in self.rows if r.get("ma") is not None]
         final = evaluated[-1] if evaluated else {}
         asr_rows = [r for r in evaluated if r.get("asr") is not None]
+
+        def round_mean(key: str) -> float | None:
+            # mean over the rounds where the figure exists (rounds without a malicious/benign reply have no TPR/FPR)
+            values = [r[key] for r in self.rows if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
         summary = {
             "finished": finished,
             "rounds": self.rows[-1]["round"] if self.rows else 0,
@@ -195,6 +201,9 @@ class RunRecorder:
             "best_ma": max((r["ma"] for r in evaluated), default=None),
             "best_asr": max((r["asr"] for r in asr_rows), default=None),
             "min_asr": min((r["asr"] for r in asr_rows), default=None),
+            "mean_tpr": round_mean("tpr"),
+            "mean_fpr": round_mean("fpr"),
+            "mean_malicious_weight": round_mean("malicious_weight"),
             "wall_seconds": time.time() - self.t_start,
             "startup_seconds": self.startup_seconds,
             "first_round_started_at": self.first_round_started_at,

@@ -41,7 +41,9 @@ def _read_job(job_dir: Path) -> dict[str, Any] | None:
             "setting": " ".join(o for o in overrides if not o.startswith("seed=")) or "(defaults)",
             "seed": summary.get("seed"), "finished": bool(summary.get("finished")),
             "final_ma": summary.get("final_ma"), "final_asr": summary.get("final_asr"),
-            "best_ma": summary.get("best_ma"), "wall_seconds": summary.get("wall_seconds")}
+            "best_ma": summary.get("best_ma"), "wall_seconds": summary.get("wall_seconds"),
+            "mean_tpr": summary.get("mean_tpr"), "mean_fpr": summary.get("mean_fpr"),
+            "mean_malicious_weight": summary.get("mean_malicious_weight")}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,7 +63,8 @@ def summarise_sweep(sweep_dir: Path) -> str:
             if d.is_dir() and (j := _read_job(d)) is not None]
     with open(sweep_dir / "summary_jobs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["job", "setting", "seed", "finished", "final_ma", "final_asr",
-                                               "best_ma", "wall_seconds"], extrasaction="ignore")
+                                               "best_ma", "wall_seconds", "mean_tpr", "mean_fpr",
+                                               "mean_malicious_weight"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(jobs)
     settings: dict[str, list[dict]] = {}
@@ -72,21 +75,35 @@ def summarise_sweep(sweep_dir: Path) -> str:
         done = [j for j in group if j["finished"]]
         ma = [j["final_ma"] for j in done if j["final_ma"] is not None]
         asr = [j["final_asr"] for j in done if j["final_asr"] is not None]
+        tpr = [j["mean_tpr"] for j in done if j.get("mean_tpr") is not None]
+        fpr = [j["mean_fpr"] for j in done if j.get("mean_fpr") is not None]
+        mal_weight = [j["mean_malicious_weight"] for j in done if j.get("mean_malicious_weight") is not None]
         rows.append({"setting": setting, "runs": len(done), "failed": len(group) - len(done),
                      "seeds": " ".join(str(j["seed"]) for j in done),
                      "ma_mean": mean_std(ma)[0] if ma else None, "ma_std": mean_std(ma)[1] if ma else None,
                      "asr_mean": mean_std(asr)[0] if asr else None, "asr_std": mean_std(asr)[1] if asr else None,
-                     "ma": fmt_pct(ma), "asr": fmt_pct(asr)})
+                     "ma": fmt_pct(ma), "asr": fmt_pct(asr), "tpr": fmt_pct(tpr), "fpr": fmt_pct(fpr),
+                     "malicious_weight": fmt_pct(mal_weight)})
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["setting", "runs", "failed", "seeds", "ma_mean", "ma_std",
-                                               "asr_mean", "asr_std"], extrasaction="ignore")
+                                               "asr_mean", "asr_std", "tpr", "fpr", "malicious_weight"],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| setting | runs | seeds | final MA % (mean ± std) | final ASR % (mean ± std) |",
-             "|---|---|---|---|---|"]
+    # detection columns (mean over rounds, then mean ± std over seeds) only when some defense reported them
+    detection = any(r["tpr"] != "n/a" or r["malicious_weight"] != "n/a" for r in rows)
+    head = "| setting | runs | seeds | final MA % (mean ± std) | final ASR % (mean ± std) |"
+    rule = "|---|---|---|---|---|"
+    if detection:
+        head += " mean TPR % | mean FPR % | malicious weight % |"
+        rule += "---|---|---|"
+    lines = [head, rule]
     for r in rows:
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
-        lines.append(f"| {r['setting']} | {r['runs']}{failed} | {r['seeds']} | {r['ma']} | {r['asr']} |")
+        line = f"| {r['setting']} | {r['runs']}{failed} | {r['seeds']} | {r['ma']} | {r['asr']} |"
+        if detection:
+            line += f" {r['tpr']} | {r['fpr']} | {r['malicious_weight']} |"
+        lines.append(line)
     markdown = "\n".join(lines) + "\n"
     (sweep_dir / "summary.md").write_text(markdown)
     return markdown

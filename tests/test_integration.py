@@ -112,19 +112,20 @@ def test_sweep_runs_each_job_through_flwr_and_writes_one_table(tmp_path):
 
 
 def test_summarise_sweep_groups_seeds(tmp_path):
-    def job(num: int, seed: int, strategy: str, ma: float, asr: float) -> None:
+    def job(num: int, seed: int, strategy: str, ma: float, asr: float, tpr: float | None = None) -> None:
         d = tmp_path / str(num)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n- seed={seed}\n")
         (d / "summary.json").write_text(json.dumps({"finished": True, "seed": seed, "final_ma": ma,
-                                                    "final_asr": asr}))
+                                                    "final_asr": asr, "mean_tpr": tpr, "mean_fpr": None}))
 
     job(0, 0, "fedavg", 0.80, 0.90)
     job(1, 1, "fedavg", 0.90, 1.00)
-    job(2, 0, "other", 0.50, 0.10)
+    job(2, 0, "other", 0.50, 0.10, tpr=0.75)
     markdown = summarise_sweep(tmp_path)
-    assert "| strategy=fedavg | 2 | 0 1 | 85.00 ± 7.07 | 95.00 ± 7.07 |" in markdown
-    assert "| strategy=other | 1 | 0 | 50.00 ± 0.00 | 10.00 ± 0.00 |" in markdown
+    # a defense that filters gets detection columns; one that does not shows n/a there
+    assert "| strategy=fedavg | 2 | 0 1 | 85.00 ± 7.07 | 95.00 ± 7.07 | n/a | n/a | n/a |" in markdown
+    assert "| strategy=other | 1 | 0 | 50.00 ± 0.00 | 10.00 ± 0.00 | 75.00 ± 0.00 | n/a | n/a |" in markdown
     assert (tmp_path / "summary.csv").read_text().count("\n") == 3
 
 
@@ -170,7 +171,8 @@ def test_attacks_and_defenses_run_through_flower(tmp_path, overrides, check):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["strategy=bulyan"], "strategy=bulyan: strategy.num_malicious=3 needs n >= 4f + 3 = 15 clients per round"),
+    (["strategy=bulyan", "strategy.num_malicious=3"],
+     "strategy=bulyan: strategy.num_malicious=3 needs n >= 4f + 3 = 15 clients per round"),
     (["strategy=fltrust", "server.val_fraction=0"], "strategy=fltrust needs the server's clean split"),
     (["attack=lie", "experiment=smoke"], "attack=lie: LIE: z"),
 ])
