@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.schedule import AttackSchedule, attacker_index
@@ -24,6 +24,9 @@ from task.partition import malicious_client_ids
 
 app = ClientApp()
 MEMORY_KEY = "attack-memory"  # context.state record of a malicious client's per-round memory
+# `query.<action>` messages the defenses' client halves answer (Flower routes each action by name,
+# so every action a ClientHalf declares in `query_actions` must be listed here).
+DEFENSE_QUERY_ACTIONS: tuple[str, ...] = ()
 
 
 def node_config_bool(value) -> bool:
@@ -78,6 +81,17 @@ def make_client(cfg: DictConfig, context: Context, state_keys: list[str]) -> Ben
                            memory=load_memory(context))
 
 
+def client_half_of(cfg: DictConfig):
+    """The strategy's ClientHalf class (strategies/base.py), or None for server-only defenses."""
+    return getattr(get_class(cfg.strategy._target_), "client_half", None)
+
+
+def attach_defense(cfg: DictConfig, context: Context, client: BenignClient):
+    half_class = client_half_of(cfg)
+    client.defense = half_class(context.state, client) if half_class is not None else None
+    return client.defense
+
+
 def load_memory(context: Context) -> dict[str, torch.Tensor]:
     record = context.state.get(MEMORY_KEY)
     return dict(record.to_torch_state_dict()) if record is not None else {}
@@ -104,15 +118,39 @@ def train(msg: Message, context: Context) -> Message:
     keys = list(state.keys())
     client = make_client(cfg, context, keys)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
+    defense = attach_defense(cfg, context, client)
+    if defense is not None:
+        client.set_parameters([v.numpy() for v in state.values()])
+        defense.before_training(msg.content, int(config.get("server-round", 0)))
     parameters, num_examples, metrics = client.fit([v.numpy() for v in state.values()], config)
     save_memory(context, client)
     new_state = {k: torch.from_numpy(v) for k, v in zip(keys, parameters, strict=True)}
+    extra = defense.after_training(client.model) if defense is not None else {}
     reply = RecordDict({
+        **extra,
         "arrays": ArrayRecord(new_state),
         "metrics": MetricRecord({**metrics, "num-examples": int(num_examples)}),
         "truth": _truth(client),
     })
     return Message(reply, reply_to=msg)
+
+
+def defense_query(msg: Message, context: Context) -> Message:
+    """`query.<action>`: the strategy's client half answers (e.g. activation statistics for pruning)."""
+    cfg = run_config_of(context)
+    action = msg.metadata.message_type.split(".", 1)[1]
+    state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    client = make_client(cfg, context, list(state.keys()) if state is not None else [])
+    if state is not None:
+        client.set_parameters([v.numpy() for v in state.values()])
+    defense = attach_defense(cfg, context, client)
+    if defense is None or action not in defense.query_actions:
+        raise ConfigError(f"strategy={cfg.strategy.name} answers no query '{action}'")
+    return Message(defense.query(action, msg.content), reply_to=msg)
+
+
+for _action in DEFENSE_QUERY_ACTIONS:
+    app.query(_action)(defense_query)
 
 
 @app.evaluate()

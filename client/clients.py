@@ -33,6 +33,7 @@ class BenignClient(NumPyClient):
         self.x, self.y = data.client_data(partition_id)
         self.model = build_model(cfg, data.spec, data.num_classes)
         self.attacked = False  # whether the last fit was an attack (the truth record reports it)
+        self.defense = None    # the strategy's ClientHalf (strategies/base.py), set by the ClientApp
 
     # NumPyClient <-> state dict, in the key order of the message the server sent
     def set_parameters(self, parameters: list[np.ndarray]) -> None:
@@ -47,9 +48,19 @@ class BenignClient(NumPyClient):
         """Local training from the parameters already set; returns (mean loss, seconds)."""
         # Seeded per (run seed, client, round): the same config gives the same update.
         generator = seed_everything(self.cfg.seed, self.partition_id, server_round)
+        extra_loss = None
+        if self.defense is not None:
+            extra_loss = self.defense.extra_loss
+            attack_step = after_step
+
+            def after_step(model):  # the defense's edit (e.g. a mask) comes last: the server expects it held
+                if attack_step is not None:
+                    attack_step(model)
+                self.defense.after_step(model)
         t0 = time.perf_counter()
         loss = train_local(self.model, self.x, self.y, self.data.spec, LocalTrainingConfig.from_cfg(self.cfg.local),
-                           self.device, generator, batch_hook=batch_hook, after_step=after_step)
+                           self.device, generator, batch_hook=batch_hook, extra_loss=extra_loss,
+                           after_step=after_step)
         return loss, time.perf_counter() - t0
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):

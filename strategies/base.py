@@ -10,8 +10,9 @@ Defense categories (as in DESIGN.md):
   recorder gets detection TP/FP/TN/FN for free from the round report.
 - `Reweighting`: returns one weight per client (`client_weights`); the recorder reports the weight
   mass on malicious clients.
-- `ClientSideDefense`: adds per-client instructions to the train message; its client half lives in
-  the same module (`client_procedure`), looked up by the ClientApp by strategy name.
+- `ClientSideDefense`: adds per-client instructions and records to the train message
+  (`client_instructions`, `client_records`); its client half (a `ClientHalf` subclass, named by the
+  strategy's `client_half` attribute) lives in the same module and runs inside the ClientApp.
 - `PostTrainingDefense`: transforms the global model after the last round (`post_train`).
 
 Ground truth: a reply's `truth` record (is the client malicious?) is removed by the ServerApp's grid
@@ -32,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from torch import nn
 
 from strategies.aggregation import StateDict, default_trainable_keys, weighted_average_states
 
@@ -126,11 +128,47 @@ def update_from_message(msg: Message, expected_keys: list[str] | None) -> Client
                         extras=extras)
 
 
+class ClientHalf:
+    """The client half of a defense, run by the ClientApp on every client of a round.
+
+    Malicious clients run it too: thorn's threat model is poisoning clients that follow the protocol
+    (what the seed defenses assume), not clients that forge the defense's own messages. One instance
+    per message; `state` is the node's `context.state` (persists across rounds on that node); `client`
+    is the Benign/MaliciousClient about to train (its model, data, partition id and config).
+    """
+
+    query_actions: tuple[str, ...] = ()  # `query.<action>` messages this half answers (client/app.py)
+
+    def __init__(self, state: RecordDict, client: Any) -> None:
+        self.state, self.client = state, client
+
+    def before_training(self, content: RecordDict, server_round: int) -> None:
+        """Read what the server sent (the train message's records) and prepare; the client's model
+        already holds the global model."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to every training step's loss (None: none)."""
+        return None
+
+    def after_step(self, model: nn.Module) -> None:
+        """Edit the model after every optimizer step (e.g. re-apply a pruning mask)."""
+
+    def after_training(self, model: nn.Module) -> dict[str, ArrayRecord | ConfigRecord | MetricRecord]:
+        """Extra records for the train reply (e.g. a local Fisher); persist what the next round needs
+        into `self.state`."""
+        return {}
+
+    def query(self, action: str, content: RecordDict) -> RecordDict:
+        """Answer a `query.<action>` message from the server (e.g. activation statistics)."""
+        raise NotImplementedError(f"{type(self).__name__} answers no query '{action}'")
+
+
 class ThornStrategy(FedAvg):
     """Base of every thorn strategy. Subclasses implement `aggregate_updates` (or a category's hook)."""
 
     category = "robust_aggregation"
     needs_server_data = False  # True: the server hands it a ServerContext (needs server.val_fraction > 0)
+    client_half: type[ClientHalf] | None = None  # the defense's client half, if it has one
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  **kwargs: Any) -> None:
@@ -162,6 +200,10 @@ class ThornStrategy(FedAvg):
         """Extra per-client config for the train message (ClientSideDefense overrides this)."""
         return {}
 
+    def client_records(self, server_round: int, node_id: int) -> dict[str, ArrayRecord | ConfigRecord]:
+        """Extra per-client records for the train message (e.g. SDFC's Fisher difference D_k)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy state to checkpoint (histories, per-client vectors); empty for stateless rules."""
         return {}
@@ -177,9 +219,12 @@ class ThornStrategy(FedAvg):
         for msg in messages:
             # FedAvg gives every message the same RecordDict: give each its own before adding
             # per-client instructions, or one client's instructions would reach all of them.
-            extra = self.client_instructions(server_round, msg.metadata.dst_node_id)
-            cfg = ConfigRecord({**dict(msg.content[CONFIG_KEY]), **extra})
-            msg.content = RecordDict({ARRAYS_KEY: msg.content[ARRAYS_KEY], CONFIG_KEY: cfg})
+            node = msg.metadata.dst_node_id
+            cfg = ConfigRecord({**dict(msg.content[CONFIG_KEY]), **self.client_instructions(server_round, node)})
+            records = self.client_records(server_round, node)
+            if ARRAYS_KEY in records or CONFIG_KEY in records:
+                raise ValueError(f"{type(self).__name__}.client_records must not replace '{ARRAYS_KEY}'/'{CONFIG_KEY}'")
+            msg.content = RecordDict({ARRAYS_KEY: msg.content[ARRAYS_KEY], CONFIG_KEY: cfg, **records})
         return messages
 
     def aggregate_train(self, server_round: int,

@@ -77,8 +77,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: InputSpec,
             xb, yb = spec.to_model_input(xb.to(device)), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
+            if extra_loss is not None and (term := extra_loss(model)) is not None:
+                loss = loss + term
             loss.backward()
             optimizer.step()
             if after_step is not None:
