@@ -26,7 +26,9 @@ app = ClientApp()
 MEMORY_KEY = "attack-memory"  # context.state record of a malicious client's per-round memory
 # `query.<action>` messages the defenses' client halves answer (Flower routes each action by name,
 # so every action a ClientHalf declares in `query_actions` must be listed here).
-DEFENSE_QUERY_ACTIONS: tuple[str, ...] = ()
+DEFENSE_QUERY_ACTIONS: tuple[str, ...] = (
+    "pruning-activations", "pruning-accuracy",  # strategies/pruning.py
+)
 
 
 def node_config_bool(value) -> bool:

@@ -28,6 +28,7 @@ from server.omniscient import OmniscientRewriter
 from server.records import RunRecorder, load_checkpoint
 from server.truth import TruthStrippingGrid
 from strategies.base import PostTrainingDefense, ServerContext, ThornStrategy
+from strategies.fip import Purifier, purification_enabled, sharpness_subset
 from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
 from task.data import federated_data
 from task.models import trainable_state_keys
@@ -125,6 +126,13 @@ def check_run(cfg: DictConfig) -> ThornStrategy:
     if strategy.needs_server_data and float(cfg.server.val_fraction) == 0.0:
         raise ConfigError(f"strategy={cfg.strategy.name} needs the server's clean split, but "
                           "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
+    if purification_enabled(cfg) and float(cfg.server.val_fraction) == 0.0:  # purification: its clean split
+        raise ConfigError(f"purification={cfg.purification.name} needs the server's clean split, but "
+                          "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
+    try:
+        Purifier.from_run_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return strategy
 
 
@@ -155,6 +163,12 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
             build_model=lambda: build_model(cfg, data.spec, data.num_classes),
             local=LocalTrainingConfig.from_cfg(cfg.local))
 
+    # ---- purification (conf/purification/, strategies/fip.py): after aggregation, with any strategy ----
+    purifier = Purifier.from_run_config(cfg)
+    if purifier is not None:
+        purifier.attach(*data.server_data(), data.spec, device, sharpness_subset(
+            data.test_x, data.test_y, purifier.config.lambda_samples, int(cfg.seed)))
+    # ----
     checkpoint = load_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(INFO, "[thorn] resume=true but %s has no checkpoint.pt: starting from round 1", out_dir)
@@ -208,6 +222,15 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
         t_round = time.perf_counter() - t0
         recorder.round_seconds[server_round] = t_round
         global_state = arrays.to_torch_state_dict()
+        if purifier is not None and purifier.due(server_round, cfg.num_rounds):  # ---- purification hook
+            global_state, purify_row = purifier.purify_state(model, global_state, server_round, evaluate)
+            arrays = ArrayRecord(global_state)
+            recorder.write_round(purify_row)
+            log(INFO, "[thorn] round %3d purified (%s) | MA %s -> %s | ASR %s -> %s | λ_max %.3g -> %.3g | %.1f s",
+                server_round, purify_row["method"], percent(purify_row["ma_before"]), percent(purify_row["ma_after"]),
+                percent(purify_row["asr_before"]), percent(purify_row["asr_after"]),
+                purify_row["lambda_max_before"] or float("nan"), purify_row["lambda_max_after"] or float("nan"),
+                purify_row["t_purify"])  # ----
         ma = asr = None
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             model.load_state_dict(global_state)
@@ -227,11 +250,18 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     if isinstance(strategy, PostTrainingDefense):
         t0 = time.perf_counter()
         state = strategy.post_train(truth_grid, arrays.to_torch_state_dict(), cfg.num_rounds)
-        model.load_state_dict(state)
-        ma, asr = evaluate(model)
-        recorder.write_round({"round": cfg.num_rounds, "phase": "post_train", "ma": ma, "asr": asr,
-                              "t_round": time.perf_counter() - t0})
-        log(INFO, "[thorn] post-training | MA %s | ASR %s", percent(ma), percent(asr))
+        # a multi-phase defense (strategies/pruning.py) lists the model after each phase: one row per phase
+        for phase in getattr(strategy, "post_train_phases", None) or []:
+            model.load_state_dict(phase["state"])
+            ma, asr = evaluate(model)
+            recorder.write_round({**{k: v for k, v in phase.items() if k != "state"}, "ma": ma, "asr": asr})
+            log(INFO, "[thorn] post-training phase %-8s | MA %s | ASR %s", phase["phase"], percent(ma), percent(asr))
+        if not getattr(strategy, "post_train_phases", None):
+            model.load_state_dict(state)
+            ma, asr = evaluate(model)
+            recorder.write_round({"round": cfg.num_rounds, "phase": "post_train", "ma": ma, "asr": asr,
+                                  "t_round": time.perf_counter() - t0})
+            log(INFO, "[thorn] post-training | MA %s | ASR %s", percent(ma), percent(asr))
 
     summary = recorder.write_summary(finished=True)
     log(INFO, "[thorn] done in %.1f s | final MA %s | final ASR %s | records: %s", summary["wall_seconds"],

@@ -298,3 +298,56 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
     # remove_duplicate=False so a tied weight appears under every name state_dict uses.
     trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     return [k for k in model.state_dict() if k in trainable]
+
+
+# ------------------------------------------------- CNNs of Wu et al. (federated pruning)
+# Wu, Yang, Zhu, Mitra (arXiv 2011.01767) name "2 conv + 2 FC" (MNIST) and "3 conv + 2 FC"
+# (Fashion-MNIST) models; the widths and kernel sizes are not in the text available to us, so these
+# are [INFERRED]: the MNIST one is the FedAvg paper's CNN (5x5 convs of 32 and 64 channels, FC 512).
+# Neither is in MODEL_CLASSES (tests/test_models.py pins that registry); conf/model/ names them.
+
+
+class CNN2Conv2FC(nn.Module):
+    """conv(5x5, 32)-ReLU-pool, conv(5x5, 64)-ReLU-pool, fc 512-ReLU, fc classes (McMahan et al. 2017)."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        _check_common(in_channels, num_classes, image_size)
+        side = image_size // 2 // 2  # padding 2 keeps each 5x5 conv size-preserving; two 2x2 pools
+        if side < 1:
+            raise ValueError(f"CNN2Conv2FC needs image_size >= 4, got {image_size}")
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(64 * side * side, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+class CNN3Conv2FC(nn.Module):
+    """Three 3x3 conv(32, 64, 64)-ReLU-pool stages, fc 128-ReLU, fc classes."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        _check_common(in_channels, num_classes, image_size)
+        side = image_size // 2 // 2 // 2  # padding 1 keeps each 3x3 conv size-preserving; three 2x2 pools
+        if side < 1:
+            raise ValueError(f"CNN3Conv2FC needs image_size >= 8, got {image_size}")
+        self.conv1 = nn.Conv2d(in_channels, 32, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(64 * side * side, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = self.pool(F.relu(self.conv3(x)))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
