@@ -63,6 +63,11 @@ class BenignClient(NumPyClient):
                            after_step=after_step)
         return loss, time.perf_counter() - t0
 
+    def poison_hook(self, server_round: int):
+        """The batch hook this client trains with in `server_round` (None: clean batches). Defenses'
+        client halves use it to see the same (possibly poisoned) data the training sees."""
+        return None
+
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
         self.set_parameters(parameters)
         loss, seconds = self.train(int(config.get("server-round", 0)))
@@ -100,9 +105,15 @@ class MaliciousClient(BenignClient):
             return x, y
         return hook
 
+    def attacks_in(self, server_round: int) -> bool:
+        return self.partition_id in self.schedule.attackers(server_round, self.pool, int(self.cfg.seed))
+
+    def poison_hook(self, server_round: int):
+        return self.batch_hook() if self.attacks_in(server_round) else None
+
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
         server_round = int(config.get("server-round", 0))
-        self.attacked = self.partition_id in self.schedule.attackers(server_round, self.pool, int(self.cfg.seed))
+        self.attacked = self.attacks_in(server_round)
         if not self.attacked:
             return super().fit(parameters, config)
         self.set_parameters(parameters)

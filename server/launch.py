@@ -38,6 +38,10 @@ def flwr_environment() -> dict[str, str]:
     env = {**os.environ, **FLWR_ENV}
     # the flwr CLI must come from the same environment as this interpreter
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # Every simulation starts a Ray instance of its own. Without this, ray.init() may attach to another
+    # simulation's instance running on the same machine (Ray connects to the "latest" one it finds),
+    # whose workers import that run's code (their sys.path starts with the other driver's folder).
+    env.setdefault("RAY_ADDRESS", "local")
     return env
 
 

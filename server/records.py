@@ -143,6 +143,11 @@ class RunRecorder:
         })
         if report.info:
             row["defense"] = report.info
+        if report.weights or report.client_info:
+            # per client (sorted by node id): ground truth, aggregation weight, defense scores; the
+            # evidence for why a defense did (not) work
+            row["clients"] = [{"malicious": truth.get(n), "weight": report.weights.get(n),
+                               **report.client_info.get(n, {})} for n in sorted(examined)]
         return row
 
     def write_round(self, row: dict) -> None:

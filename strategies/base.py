@@ -74,6 +74,7 @@ class AggregationOutcome:
     weights: dict[int, float]                    # node id -> weight in the aggregate (sums to 1 over kept)
     rejected: dict[int, str] = field(default_factory=dict)  # node id -> reason
     info: dict[str, float] = field(default_factory=dict)    # defense-specific scalars for the records
+    client_info: dict[int, dict[str, float]] = field(default_factory=dict)  # node id -> per-client scalars
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RoundReport:
     skipped: bool
     client_seconds: list[float] = field(default_factory=list)
     info: dict[str, float] = field(default_factory=dict)
+    client_info: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 class InvalidReply(ValueError):
@@ -196,6 +198,10 @@ class ThornStrategy(FedAvg):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         raise NotImplementedError
 
+    def validate_update(self, update: ClientUpdate) -> None:
+        """Raise InvalidReply when a reply cannot be used by this defense (e.g. a missing extra record);
+        it is then rejected with that reason before aggregation, like a malformed model."""
+
     def client_instructions(self, server_round: int, node_id: int) -> dict[str, Any]:
         """Extra per-client config for the train message (ClientSideDefense overrides this)."""
         return {}
@@ -239,7 +245,9 @@ class ThornStrategy(FedAvg):
                     msg.error.reason)
                 continue
             try:
-                updates.append(update_from_message(msg, expected_keys))
+                update = update_from_message(msg, expected_keys)
+                self.validate_update(update)
+                updates.append(update)
             except InvalidReply as exc:
                 invalid[msg.metadata.src_node_id] = str(exc)
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round,
@@ -268,7 +276,7 @@ class ThornStrategy(FedAvg):
             server_round=server_round, node_ids=[u.node_id for u in updates], weights=outcome.weights,
             rejected=outcome.rejected, failures=failures, invalid=invalid, train_loss=train_loss,
             t_aggregate=t_aggregate, skipped=skipped or outcome.state is None, client_seconds=client_seconds,
-            info=outcome.info)
+            info=outcome.info, client_info=outcome.client_info)
         if outcome.state is None:
             return None, None
         metrics = MetricRecord({"num-clients": len(updates), "num-rejected": len(outcome.rejected)})
