@@ -1,8 +1,9 @@
 # thorn: two commands for a fresh clone.
-#   make run    runs the default experiment (FedAvg vs BadNets on Fashion-MNIST) through `flwr run`
+#   make run    runs the default experiment (SDFC vs BadNets on Fashion-MNIST) through `flwr run`
 #   make test   runs the test suite
 # Both set up what they need on first use (.venv, packages, the Fashion-MNIST files).
 # Extra Hydra overrides:  make run OVERRIDES="strategy=fedavg attack=none num_rounds=5"
+# (`make run` puts strategy=sdfc first; an OVERRIDES strategy= comes later and wins)
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -44,7 +45,7 @@ data: $(STAMP)
 	@$(PY) -m task.get_data fashion_mnist
 
 run: setup
-	$(PY) -m server.launch $(OVERRIDES)
+	$(PY) -m server.launch strategy=sdfc $(OVERRIDES)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -59,6 +60,7 @@ sweep: setup
 bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/aggregation.py
+	$(PY) bench/sdfc.py
 
 # the real deployment engine on 127.0.0.1 (TLS + SuperNode authentication), stopped by PID afterwards
 deploy-local: setup

@@ -7,6 +7,7 @@ stops it by PID, and the tests check that nothing is left running.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -182,3 +183,23 @@ def test_config_only_errors_stop_before_flower_starts(tmp_path, overrides, messa
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "flwr run" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_sdfc_runs_through_flower_with_its_client_half(tmp_path):
+    """SDFC end to end: clients upload a local Fisher, the server weights them, the records show it."""
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    proc = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke", "strategy=sdfc",
+                "strategy.val_subset=128"], home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(out)[1:]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["n_clients"] == 4 and r["n_invalid"] == 0 and not r["skipped"]
+        weights = [c["weight"] for c in r["clients"]]
+        scores = [c["sdfc_score"] for c in r["clients"]]
+        assert sum(weights) == pytest.approx(1.0)
+        assert max(weights) / min(weights) <= math.e + 1e-9
+        # the lowest Fisher difference weighs most: SDFC's weights follow its scores
+        assert weights[scores.index(min(scores))] == max(weights)
+        assert r["malicious_weight"] == pytest.approx(sum(c["weight"] for c in r["clients"] if c["malicious"]))
