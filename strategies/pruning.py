@@ -5,10 +5,10 @@ Attacks in Federated Learning", https://arxiv.org/abs/2011.01767).
 A post-training defense: ordinary FedAvg trains the model; after the last round the server cleanses it,
 without seeing any client data, in phases that are Flower messages (spec: shared/specs/algorithms.md §2):
 
-1a. rank, `query.pruning-activations`: each client reports the mean post-ReLU activation of every channel
+1a. rank, `query.pruning_activations`: each client reports the mean post-ReLU activation of every channel
     of the last conv layer (for models without convolutions: every unit of the last hidden layer) on its
     own data; the server aggregates them (`agg`) into a global pruning sequence, most dormant first.
-1b. rate, `query.pruning-accuracy`: each client reports its local accuracy for every candidate rate r of
+1b. rate, `query.pruning_accuracy`: each client reports its local accuracy for every candidate rate r of
     the grid (the first ⌊r·C⌋ channels of the sequence removed); the server aggregates the accuracies
     (`accuracy_agg`: weighted mean, or the median, which a minority of lying clients cannot move far) and
     keeps r* = max{r : Acc(0) − Acc(r) ≤ τ}.
@@ -54,8 +54,8 @@ from strategies.base import (
     mean_of,
 )
 
-ACTIVATIONS_ACTION = "pruning-activations"   # query.pruning-activations: phase 1a
-ACCURACY_ACTION = "pruning-accuracy"         # query.pruning-accuracy: phase 1b
+ACTIVATIONS_ACTION = "pruning_activations"   # query.pruning_activations: phase 1a
+ACCURACY_ACTION = "pruning_accuracy"         # query.pruning_accuracy: phase 1b
 MASK_KEY = "pruning-mask"                    # train-message ArrayRecord {"keep": float 0/1 per channel}
 RESULT_KEY = "pruning"                       # query-reply ArrayRecord {"activations": (C,)}
 
@@ -476,7 +476,7 @@ class FederatedPruningStrategy(PostTrainingDefense):
             target.layer, rate, n_pruned, target.channels, float(curve[0]), float(curve[index]))
         self._phase("prune", state, server_round, 2, time.perf_counter() - t0, layer=target.layer, rate=rate,
                     n_pruned=n_pruned, client_acc_unpruned=float(curve[0]), client_acc_pruned=float(curve[index]),
-                    client_acc_curve=[float(a) for a in curve])
+                    client_acc_curve=[float(a) for a in curve], sequence=[int(c) for c in order])
 
         t0 = time.perf_counter()
         state = self.finetune(grid, state, target, server_round + 1)

@@ -384,7 +384,7 @@ def test_flwr_run_writes_one_row_per_phase(tmp_path):
     prune = phases[1]["defense"]
     assert prune["layer"] == "conv3" and prune["rate"] in (0.0, 0.25, 0.5)
     assert len(prune["client_acc_curve"]) == 3 and all(0 <= a <= 1 for a in prune["client_acc_curve"])
-    assert prune["n_pruned"] == int(prune["rate"] * 64)
+    assert prune["n_pruned"] == int(prune["rate"] * 64) and sorted(prune["sequence"]) == list(range(64))
     assert 0 <= phases[3]["defense"]["share_adjusted"] < 0.05
     for r in phases:
         assert 0.0 <= r["ma"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
