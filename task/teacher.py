@@ -33,10 +33,11 @@ from task.data import InputSpec, to_unit_float
 DEFAULT_PROMPT = "a photo of a {}."   # CLIP2FL's template [3P]; CLIP-Fed's is not public
 CHECKPOINT_HELP = (
     "On a machine with internet access, save the weights once with open_clip, e.g. "
-    "python -c \"import open_clip, torch; m = open_clip.create_model('{model}', pretrained='openai'); "
-    "torch.save(m.state_dict(), '{path}')\" (any open_clip pretrained tag or a downloaded "
-    "open_clip_pytorch_model.bin / .safetensors for {model} works too), then copy the file to {path} on this "
-    "machine, or point strategy.teacher.checkpoint at it."
+    "python -c \"import open_clip, torch; m = open_clip.create_model('{model}', pretrained='laion2b_s34b_b79k'); "
+    "torch.save(m.state_dict(), '{path}')\" (any pretrained tag of open_clip.list_pretrained() for {model}, or "
+    "its downloaded open_clip_pytorch_model.bin / .safetensors, works too; OpenAI's weights need the "
+    "-quickgelu model name), then copy the file to {path} on this machine, or point strategy.teacher.checkpoint "
+    "at it."
 )
 
 
