@@ -68,6 +68,7 @@ class FIPConfig:
     lr: float = 0.005
     momentum: float = 0.95
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None  # clip the step's gradient norm (INFERRED: not in the release)
     fast_lr: float | None = None    # Fast FIP's lr and epochs (None: the same as FIP's)
     fast_epochs: float | None = None
     code_iter_gap: int = 5          # B2: suppressor every k-th step
@@ -372,7 +373,7 @@ def purify(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, spec: InputSp
     optimizer = torch.optim.SGD(trained, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # Fast FIP keeps BatchNorm frozen (running statistics too); FIP fine-tunes in train mode like the release
     net.to(device).train(not cfg.fast)
-    sums = {"loss": 0.0, "ce": 0.0, "suppressor": 0.0, "retainer": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "suppressor": 0.0, "retainer": 0.0, "skipped_steps": 0}
     for it, idx in enumerate(batch_indices(len(labels), cfg.batch_size, iterations, generator)):
         xb = x_pixels[idx]
         if spec.augment:
@@ -390,7 +391,8 @@ def purify(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, spec: InputSp
         elif not code and cfg.eta_f != 0:
             if cfg.fisher_labels == "sampled":
                 with torch.no_grad():
-                    target = torch.multinomial(F.softmax(out.detach().float(), dim=1), 1, generator=generator)
+                    probs = F.softmax(out.detach().float(), dim=1).nan_to_num(1.0 / out.shape[1])
+                    target = torch.multinomial(probs, 1, generator=generator)
                 target = target[:, 0].to(device)
             else:
                 target = yb
@@ -403,8 +405,14 @@ def purify(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, spec: InputSp
             retainer = retainer_penalty(variables, anchors, fisher)
             loss = loss + eta_r * retainer
             sums["retainer"] += float(retainer.detach())
+        if not torch.isfinite(loss):
+            # the double-backward penalty can blow up at a large η_F·lr; skip the step rather than poison θ
+            sums["skipped_steps"] += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad_norm)
         optimizer.step()
         sums["loss"] += float(loss.detach())
         sums["ce"] += float(ce.detach())
@@ -415,6 +423,7 @@ def purify(model: nn.Module, x_val: np.ndarray, y_val: np.ndarray, spec: InputSp
     purified.eval()
     stats.update({"seconds": time.perf_counter() - t0, "iterations": iterations, "lr": lr,
                   "trained_parameters": sum(p.numel() for p in trained),
+                  "skipped_steps": sums.pop("skipped_steps"),
                   **{f"mean_{k}": v / max(iterations, 1) for k, v in sums.items()}})
     stats["lambda_max_after"] = sharpness(purified)
     return purified, stats
@@ -509,8 +518,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="config.yaml (default: next to the checkpoint)")
     parser.add_argument("--compare-fast", action="store_true", help="also run Fast FIP (or FIP) side by side")
     parser.add_argument("--out", default=None, help="write the before/after figures as JSON here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadiest on a shared CPU)")
     parser.add_argument("overrides", nargs="*", help="FIP keys, e.g. fast=true eta_f=1.0 val_size=600")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = Path(args.checkpoint)
     ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
@@ -551,13 +563,14 @@ def main(argv: list[str] | None = None) -> None:
     results = {"checkpoint": str(ckpt_path), "round": checkpoint.get("round"), "ma_before": ma0, "asr_before": asr0,
                "attack": run_cfg.attack.name, "dataset": run_cfg.dataset.name, "runs": []}
     print(f"{run_cfg.dataset.name} / {run_cfg.attack.name} / round {checkpoint.get('round')}: "
-          f"MA {pct(ma0)} | ASR {pct(asr0)} before purification ({len(y_val)} clean samples at the server)")
+          f"MA {pct(ma0)} | ASR {pct(asr0)} before purification ({len(y_val)} clean samples at the server, "
+          f"{min(len(y_val), purifier.config.val_size or len(y_val))} used)")
     for variant in variants:
         purified, stats = purify(model, x_val, y_val, data.spec, variant, device, sharp)
         ma1, asr1 = figures(purified)
         name = "Fast FIP" if variant.fast else "FIP"
         print(f"{name:8s} ({variant.impl}): MA {pct(ma0)} -> {pct(ma1)} | ASR {pct(asr0)} -> {pct(asr1)} | "
-              f"λ_max {stats['lambda_max_before']:.3g} -> {stats['lambda_max_after']:.3g} | "
+              f"λ_max {stats['lambda_max_before'] or math.nan:.3g} -> {stats['lambda_max_after'] or math.nan:.3g} | "
               f"{stats['seconds']:.1f} s, {stats['iterations']} iterations, {stats['trained_parameters']} parameters")
         results["runs"].append({"name": name, "ma_after": ma1, "asr_after": asr1, **stats})
     if len(results["runs"]) == 2:
