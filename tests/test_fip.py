@@ -251,3 +251,29 @@ def test_purification_config_group_and_server_split_check():
     with pytest.raises(ConfigError, match="server.val_fraction"):
         check_run(compose_config("purification=fip server.val_fraction=0"))
     check_run(compose_config("server.val_fraction=0"))  # no purification: no split needed
+
+
+def test_server_hook_purifies_a_state_dict_and_reports_a_purify_row():
+    x, y = tiny_images()
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    purifier = Purifier({"name": "fip", "when": "final", "iterations": 4, "batch_size": 16, "lr": 0.05,
+                         "lambda_iterations": 3, "lambda_samples": 16})
+    purifier.attach(x, y, SPEC, torch.device("cpu"), (x[:16], y[:16]))
+    calls = []
+
+    def evaluate(net):
+        calls.append(params_of(net))
+        return 0.5, 0.25
+
+    new_state, row = purifier.purify_state(tiny_model(seed=1), state, 10, evaluate)
+    assert list(new_state) == list(state)
+    assert not torch.equal(new_state["fc.weight"], state["fc.weight"])
+    assert row["phase"] == "purify" and row["round"] == 10 and row["method"] == "fip"
+    assert {"ma_before", "asr_before", "ma_after", "asr_after", "lambda_max_before", "lambda_max_after",
+            "t_purify"} <= set(row)
+    # evaluated before (on the loaded global state) and after (on the purified model)
+    torch.testing.assert_close(calls[0], params_of(model))
+    torch.testing.assert_close(calls[1], torch.cat([new_state[k].flatten() for k, _ in model.named_parameters()]))
+    with pytest.raises(ValueError, match="server.val_fraction"):
+        purifier.attach(x[:0], y[:0], SPEC, torch.device("cpu"), None)
