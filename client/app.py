@@ -10,6 +10,9 @@ Who is malicious: in deployment, the node's `--node-config malicious=true|false`
 
 from __future__ import annotations
 
+import random
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +30,7 @@ MEMORY_KEY = "attack-memory"  # context.state record of a malicious client's per
 # `query.<action>` messages the defenses' client halves answer (Flower routes each action by name,
 # so every action a ClientHalf declares in `query_actions` must be listed here).
 DEFENSE_QUERY_ACTIONS: tuple[str, ...] = (
-    "pruning-activations", "pruning-accuracy",  # strategies/pruning.py
+    "pruning_activations", "pruning_accuracy",  # strategies/pruning.py
 )
 
 
@@ -112,14 +115,35 @@ def _truth(client: BenignClient) -> ConfigRecord:
                          "partition-id": int(client.partition_id)})
 
 
+def injected_fault(cfg: DictConfig, partition_id: int, server_round: int) -> str | None:
+    """TEST-ONLY: the fault this client simulates in this round (tests/conf/faults/), else None.
+
+    The `faults` group exists only under tests/conf, so a normal run never has it."""
+    faults = cfg.get("faults")
+    if not faults:
+        return None
+    count = round(float(faults.fraction) * cfg.num_clients)
+    failing = random.Random(f"{cfg.seed}-faults-{server_round}").sample(range(cfg.num_clients), count)
+    if partition_id not in failing:
+        return None
+    if faults.mode == "mixed":  # alternate between a crash and a garbage reply
+        return ("raise", "garbage")[failing.index(partition_id) % 2]
+    return str(faults.mode)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config_of(context)
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    fault = injected_fault(cfg, int(context.node_config["partition-id"]), int(config.get("server-round", 0)))
+    if fault == "raise":
+        raise RuntimeError("injected fault (tests/conf/faults): this client crashes in this round")
+    if fault == "hang":
+        time.sleep(float(cfg.faults.hang_s))
     arrays = msg.content["arrays"]
     state = arrays.to_torch_state_dict()
     keys = list(state.keys())
     client = make_client(cfg, context, keys)
-    config = dict(msg.content["config"]) if "config" in msg.content else {}
     defense = attach_defense(cfg, context, client)
     if defense is not None:
         client.set_parameters([v.numpy() for v in state.values()])
@@ -127,6 +151,9 @@ def train(msg: Message, context: Context) -> Message:
     parameters, num_examples, metrics = client.fit([v.numpy() for v in state.values()], config)
     save_memory(context, client)
     new_state = {k: torch.from_numpy(v) for k, v in zip(keys, parameters, strict=True)}
+    if fault == "garbage":
+        new_state = {k: torch.full_like(v, float("nan")) if torch.is_floating_point(v) else v
+                     for k, v in new_state.items()}
     extra = defense.after_training(client.model) if defense is not None else {}
     reply = RecordDict({
         **extra,

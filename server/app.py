@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from datetime import datetime
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from server.evaluation import attack_success_rate, main_accuracy
 from server.omniscient import OmniscientRewriter
 from server.records import RunRecorder, load_checkpoint
 from server.truth import TruthStrippingGrid
-from strategies.base import PostTrainingDefense, ServerContext, ThornStrategy
+from strategies.base import PostTrainingDefense, ReplyLimits, ServerContext, ThornStrategy
 from strategies.fip import Purifier, purification_enabled, sharpness_subset
 from task.config import PROJECT_ROOT, ConfigError, compose_config, resolve_device
 from task.data import federated_data
@@ -156,6 +156,9 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.seed, 0, 0)  # the initial model is the same in every run with this seed
     model = build_model(cfg, data.spec, data.num_classes).to(device)
     strategy.trainable_keys = trainable_state_keys(model)
+    strategy.reply_limits = ReplyLimits(
+        max_update_norm=None if cfg.server.max_update_norm is None else float(cfg.server.max_update_norm),
+        max_extra_bytes=None if cfg.server.max_extra_bytes is None else int(cfg.server.max_extra_bytes))
     if strategy.needs_server_data:
         x_val, y_val = data.server_data()
         strategy.server_context = ServerContext(
@@ -212,11 +215,18 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
     arrays = ArrayRecord(model.state_dict())
     for server_round in range(start_round, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), truth_grid)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), truth_grid))
         # the initial model is evaluated while the clients train round 1 (it does not change meanwhile)
         replies = truth_grid.send_and_receive(messages, timeout=float(cfg.round_timeout),
                                               while_waiting=evaluate_initial_model if server_round == 1 else None)
+        replies = list(replies)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        # a client that hung past round_timeout or vanished sent no reply at all: count it as failed
+        missing_replies = max(len(messages) - len(replies), 0)
+        if missing_replies and strategy.last_report is not None:
+            strategy.last_report.failures += missing_replies
+            log(WARNING, "round %d: %d client(s) sent no reply within round_timeout=%s s", server_round,
+                missing_replies, cfg.round_timeout)
         if new_arrays is not None:
             arrays = new_arrays
         t_round = time.perf_counter() - t0

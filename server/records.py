@@ -131,6 +131,7 @@ class RunRecorder:
             "n_malicious": sum(1 for n in examined if truth.get(n, False)),
             "n_failed": report.failures,
             "n_invalid": len(report.invalid),
+            "invalid_reasons": dict(sorted(report.invalid_kinds.items())),
             "skipped": report.skipped,
             "detection": det,
             "tpr": tpr,

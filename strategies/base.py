@@ -21,6 +21,7 @@ wrapper before any reply reaches a strategy (`server/truth.py`), so defense code
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Iterable
@@ -93,10 +94,24 @@ class RoundReport:
     client_seconds: list[float] = field(default_factory=list)
     info: dict[str, float] = field(default_factory=dict)
     client_info: dict[int, dict[str, float]] = field(default_factory=dict)
+    invalid_kinds: dict[str, int] = field(default_factory=dict)  # rejection category -> count
 
 
 class InvalidReply(ValueError):
-    """A reply that cannot be aggregated; the message is the reason recorded for it."""
+    """A reply that cannot be aggregated; the message is the reason recorded for it, `kind` the short
+    category counted in metrics.jsonl (`invalid_reasons`)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class ReplyLimits:
+    """Bounds a reply must respect before any defense sees it (strategy base layer, `server.*` config)."""
+
+    max_update_norm: float | None = 1.0e4    # L2 norm of (uploaded - global) over floating entries
+    max_extra_bytes: int | None = None       # extra records in total; None: 4x the model's size + 1 MiB
 
 
 def content_key(update: ClientUpdate) -> tuple[int, int]:
@@ -110,23 +125,69 @@ def content_key(update: ClientUpdate) -> tuple[int, int]:
     return update.num_examples, crc
 
 
-def update_from_message(msg: Message, expected_keys: list[str] | None) -> ClientUpdate:
-    """Turn a reply into a ClientUpdate, rejecting what cannot be aggregated."""
+def record_bytes(record: Any) -> int:
+    if isinstance(record, ArrayRecord):
+        return sum(len(array.data) for array in record.values())
+    return sum(len(str(k)) + len(v) if isinstance(v, bytes | str) else len(str(k)) + 8 for k, v in record.items())
+
+
+def update_from_message(msg: Message, global_state: StateDict | None, limits: ReplyLimits | None = None,
+                        norm_keys: list[str] | None = None) -> ClientUpdate:
+    """Turn a reply into a ClientUpdate, rejecting (InvalidReply) what cannot be aggregated: missing
+    records, a bad example count, other keys, shapes or dtypes than the global model's, NaN/Inf, an
+    absurd update norm (over `norm_keys`, the trainable parameters), oversized extra records."""
+    limits = limits or ReplyLimits()
     content = msg.content
     if ARRAYS_KEY not in content.array_records:
-        raise InvalidReply("no 'arrays' ArrayRecord in the reply")
+        raise InvalidReply("no 'arrays' ArrayRecord in the reply", "missing-arrays")
     if METRICS_KEY not in content.metric_records:
-        raise InvalidReply("no 'metrics' MetricRecord in the reply")
+        raise InvalidReply("no 'metrics' MetricRecord in the reply", "missing-metrics")
     metrics = dict(content.metric_records[METRICS_KEY])
     num_examples = metrics.get(NUM_EXAMPLES_KEY)
-    if not isinstance(num_examples, int | float) or num_examples <= 0:
-        raise InvalidReply(f"'num-examples' must be a positive number, got {num_examples!r}")
-    state = content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    if expected_keys is not None and list(state.keys()) != expected_keys:
-        raise InvalidReply("the uploaded model's keys differ from the global model's")
+    if (not isinstance(num_examples, int | float) or isinstance(num_examples, bool)
+            or not math.isfinite(num_examples) or num_examples <= 0):
+        raise InvalidReply(f"'num-examples' must be a positive number, got {num_examples!r}", "num-examples")
+    try:
+        state = content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    except Exception as exc:  # undecodable arrays: a reply cannot crash the server
+        raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
+    if global_state is not None:
+        missing = [k for k in global_state if k not in state]
+        extra = [k for k in state if k not in global_state]
+        if missing:
+            raise InvalidReply(f"the uploaded model lacks {len(missing)} key(s), e.g. {missing[0]!r}", "keys")
+        if extra:
+            raise InvalidReply(f"the uploaded model has {len(extra)} unknown key(s), e.g. {extra[0]!r}", "keys")
+        state = {k: state[k] for k in global_state}  # the global model's key order
+        for k, ref in global_state.items():
+            value = state[k]
+            if tuple(value.shape) != tuple(ref.shape):
+                raise InvalidReply(f"{k!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}", "shape")
+            if value.dtype != ref.dtype:
+                raise InvalidReply(f"{k!r} has dtype {value.dtype}, expected {ref.dtype}", "dtype")
+    floating = [v for v in state.values() if torch.is_floating_point(v)]
+    for k, v in state.items():
+        if torch.is_floating_point(v) and not torch.isfinite(v).all():
+            raise InvalidReply(f"{k!r} holds NaN or Inf", "non-finite")
+    if global_state is not None and limits.max_update_norm is not None and floating:
+        # over the trainable parameters: BatchNorm running statistics may legitimately be large
+        keys = norm_keys if norm_keys is not None else default_trainable_keys(global_state)
+        squared = sum(float((state[k].double() - global_state[k].double()).pow(2).sum()) for k in keys)
+        norm = math.sqrt(squared)
+        if not math.isfinite(norm) or norm > limits.max_update_norm:
+            raise InvalidReply(f"update norm {norm:.4g} exceeds server.max_update_norm={limits.max_update_norm:g}",
+                               "norm")
     extras = {k: v for k, v in content.items() if k not in (ARRAYS_KEY, METRICS_KEY)}
+    if extras:
+        bound = limits.max_extra_bytes
+        if bound is None:
+            bound = 4 * sum(v.numel() * v.element_size() for v in state.values()) + (1 << 20)
+        size = sum(record_bytes(r) for r in extras.values())
+        if size > bound:
+            raise InvalidReply(f"extra records of {size} bytes exceed the limit of {bound} bytes", "oversized")
     return ClientUpdate(node_id=msg.metadata.src_node_id, state=state, num_examples=int(num_examples),
-                        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+                        metrics={k: float(v) for k, v in metrics.items()
+                                 if isinstance(v, int | float) and not isinstance(v, bool)},
                         extras=extras)
 
 
@@ -185,6 +246,7 @@ class ThornStrategy(FedAvg):
         # clustering use these only, never BatchNorm statistics) and, if needed, the server context.
         self.trainable_keys: list[str] | None = None
         self.server_context: ServerContext | None = None
+        self.reply_limits = ReplyLimits()  # set from the `server.*` config by the ServerApp
 
     def keys_for_vectors(self, state: StateDict) -> list[str]:
         return self.trainable_keys if self.trainable_keys is not None else default_trainable_keys(state)
@@ -236,22 +298,26 @@ class ThornStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        expected_keys = list(self.global_state.keys()) if self.global_state is not None else None
-        updates, invalid, failures = [], {}, 0
+        updates, invalid, invalid_kinds, failures = [], {}, {}, 0
+        seen: set[int] = set()
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
-                log(WARNING, "round %d: node %d failed: %s", server_round, msg.metadata.src_node_id,
-                    msg.error.reason)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                update = update_from_message(msg, expected_keys)
+                if node in seen:
+                    raise InvalidReply(f"a second reply from node {node} in this round", "duplicate")
+                seen.add(node)
+                norm_keys = self.keys_for_vectors(self.global_state) if self.global_state is not None else None
+                update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys)
                 self.validate_update(update)
                 updates.append(update)
             except InvalidReply as exc:
-                invalid[msg.metadata.src_node_id] = str(exc)
-                log(WARNING, "round %d: reply of node %d rejected: %s", server_round,
-                    msg.metadata.src_node_id, exc)
+                invalid[node] = str(exc)
+                invalid_kinds[exc.kind] = invalid_kinds.get(exc.kind, 0) + 1
+                log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, exc)
 
         updates.sort(key=content_key)
         train_loss = None
@@ -276,7 +342,7 @@ class ThornStrategy(FedAvg):
             server_round=server_round, node_ids=[u.node_id for u in updates], weights=outcome.weights,
             rejected=outcome.rejected, failures=failures, invalid=invalid, train_loss=train_loss,
             t_aggregate=t_aggregate, skipped=skipped or outcome.state is None, client_seconds=client_seconds,
-            info=outcome.info, client_info=outcome.client_info)
+            info=outcome.info, client_info=outcome.client_info, invalid_kinds=invalid_kinds)
         if outcome.state is None:
             return None, None
         metrics = MetricRecord({"num-clients": len(updates), "num-rejected": len(outcome.rejected)})

@@ -365,16 +365,15 @@ class FisherCalibrationStrategy(ClientSideDefense):
     # -- aggregation -------------------------------------------------------------------------------
     def validate_update(self, update: ClientUpdate) -> None:
         # a reply without a usable Fisher record is rejected before aggregation (the round goes on)
-        self.reply_fisher(update, DIFF_RECORD if self.fval_on == "client" else FLOC_RECORD,
-                          set(self.model_parameter_names()))
+        self.reply_fisher(update, DIFF_RECORD if self.fval_on == "client" else FLOC_RECORD, self.parameter_shapes())
 
     def aggregate_updates(self, server_round: int, global_state: StateDict,
                           updates: list[ClientUpdate]) -> AggregationOutcome:
-        keys = set(self.model_parameter_names())
+        shapes = self.parameter_shapes()
         if self.fval_on == "client":
-            diffs = [self.reply_fisher(u, DIFF_RECORD, keys) for u in updates]
+            diffs = [self.reply_fisher(u, DIFF_RECORD, shapes) for u in updates]
         else:
-            f_locs = [self.reply_fisher(u, FLOC_RECORD, keys) for u in updates]
+            f_locs = [self.reply_fisher(u, FLOC_RECORD, shapes) for u in updates]
             f_vals = self.validation_fisher([u.state for u in updates], server_round)
             diffs = [fisher_difference(fl, fv) for fl, fv in zip(f_locs, f_vals, strict=True)]
         for update, diff in zip(updates, diffs, strict=True):
@@ -390,19 +389,22 @@ class FisherCalibrationStrategy(ClientSideDefense):
                   "sdfc_weight_max_over_min": float(weights.max() / weights.min())},
             client_info={u.node_id: {"sdfc_score": s} for u, s in zip(updates, scores, strict=True)})
 
-    def model_parameter_names(self) -> list[str]:
-        return [n for n, p in self.model().named_parameters() if p.requires_grad]
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.model().named_parameters() if p.requires_grad}
 
     @staticmethod
-    def reply_fisher(update: ClientUpdate, record: str, keys: set[str]) -> FisherDict:
+    def reply_fisher(update: ClientUpdate, record: str, shapes: dict[str, tuple[int, ...]]) -> FisherDict:
         found = update.extras.get(record)
         if not isinstance(found, ArrayRecord):
-            raise InvalidReply(f"SDFC: the reply carries no '{record}' ArrayRecord")
-        fisher = {n: t.float() for n, t in found.to_torch_state_dict().items()}
-        if set(fisher) != keys:
-            raise InvalidReply(f"SDFC: '{record}' does not cover the model's trainable parameters")
+            raise InvalidReply(f"SDFC: the reply carries no '{record}' ArrayRecord", "defense-record")
+        try:
+            fisher = {n: t.float() for n, t in found.to_torch_state_dict().items()}
+        except Exception as exc:
+            raise InvalidReply(f"SDFC: '{record}' cannot be read: {exc}", "defense-record") from None
+        if set(fisher) != set(shapes) or any(tuple(fisher[n].shape) != shapes[n] for n in shapes):
+            raise InvalidReply(f"SDFC: '{record}' does not match the model's trainable parameters", "defense-record")
         if not all(torch.isfinite(t).all() and (t >= 0).all() for t in fisher.values()):
-            raise InvalidReply(f"SDFC: '{record}' holds negative or non-finite values")
+            raise InvalidReply(f"SDFC: '{record}' holds negative or non-finite values", "defense-record")
         return fisher
 
     # -- checkpoint --------------------------------------------------------------------------------

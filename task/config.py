@@ -10,6 +10,7 @@ and what is allowed: that is what `ConfigError` carries.
 
 from __future__ import annotations
 
+import math
 import shlex
 from functools import lru_cache
 from pathlib import Path
@@ -94,41 +95,99 @@ def _require(cond: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
+# classes per data set (for checking attack target labels before any data is loaded)
+DATASET_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar10_lt": 10, "cifar100": 100,
+                   "svhn": 10, "gtsrb": 43, "usps": 10}
+
+
+def _int(key: str, value, low: int | None = None, high: int | None = None, allow_none: bool = False) -> None:
+    """An integer (not a bool) in [low, high]."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    bounds = " and ".join(b for b in ((f">= {low}" if low is not None else ""),
+                                      (f"<= {high}" if high is not None else "")) if b)
+    _require(ok, key, value, ("null or " if allow_none else "") + "an integer" + (f" {bounds}" if bounds else ""))
+
+
+def _number(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False, allow_none: bool = False) -> None:
+    """A finite number in the interval given (open or closed ends)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    bounds = f" {' and '.join(parts)}" if parts else ""
+    _require(ok, key, value, ("null or " if allow_none else "") + "a number" + bounds)
+
+
+def _bool(key: str, value) -> None:
+    _require(isinstance(value, bool), key, value, "true or false")
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Check the values a run depends on before anything starts; raise ConfigError on the first bad one."""
-    _require(isinstance(cfg.num_clients, int) and cfg.num_clients >= 1, "num_clients", cfg.num_clients,
-             "an integer >= 1")
-    _require(isinstance(cfg.num_rounds, int) and cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds,
-             "an integer >= 1")
-    _require(0.0 < float(cfg.fraction_train) <= 1.0, "fraction_train", cfg.fraction_train, "0 < value <= 1")
-    _require(isinstance(cfg.eval_every, int) and cfg.eval_every >= 1, "eval_every", cfg.eval_every,
-             "an integer >= 1")
-    _require(cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda"), "device", cfg.device,
-             "auto, cpu, cuda or cuda:<index>")
-    _require(0.0 <= float(cfg.server.val_fraction) < 1.0, "server.val_fraction", cfg.server.val_fraction,
-             "0 <= value < 1")
-    for key in ("epochs", "batch_size"):
-        value = cfg.local[key]
-        _require(isinstance(value, int) and value >= 1, f"local.{key}", value, "an integer >= 1")
-    _require(float(cfg.local.lr) > 0, "local.lr", cfg.local.lr, "a number > 0")
+    """Check the values a run depends on before anything starts (types, ranges, names, combinations);
+    raise ConfigError naming the key, the value and what is allowed, on the first bad one. Group
+    options (strategy=, attack=, ...) are checked by name in `check_group_names`; a defense's own keys by
+    its constructor and `check_preconditions` (server/app.py `check_run`), also before round 1."""
+    _int("seed", cfg.seed, 0)
+    _int("num_clients", cfg.num_clients, 1)
+    _int("num_rounds", cfg.num_rounds, 1)
+    _number("fraction_train", cfg.fraction_train, 0.0, 1.0, low_open=True)
+    _int("min_train_clients", cfg.min_train_clients, 1, cfg.num_clients)
+    _number("round_timeout", cfg.round_timeout, 0.0, low_open=True)
+    _int("eval_every", cfg.eval_every, 1)
+    _int("eval_batch_size", cfg.eval_batch_size, 1)
+    _require(isinstance(cfg.device, str) and (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")),
+             "device", cfg.device, "auto, cpu, cuda or cuda:<index>")
+    _bool("resume", cfg.resume)
+    _number("server.val_fraction", cfg.server.val_fraction, 0.0, 1.0, high_open=True)
+    _number("server.wait_for_clients_s", cfg.server.wait_for_clients_s, 0.0)
+    _number("server.max_update_norm", cfg.server.get("max_update_norm"), 0.0, low_open=True, allow_none=True)
+    _int("server.max_extra_bytes", cfg.server.get("max_extra_bytes"), 0, allow_none=True)
+    _int("local.epochs", cfg.local.epochs, 1)
+    _int("local.batch_size", cfg.local.batch_size, 1)
+    _number("local.lr", cfg.local.lr, 0.0, low_open=True)
+    _number("local.momentum", cfg.local.momentum, 0.0, 1.0, high_open=True)
+    _number("local.weight_decay", cfg.local.weight_decay, 0.0)
+    _bool("asr.exclude_target", cfg.asr.exclude_target)
     _require(cfg.logger.wandb.mode in ("disabled", "offline", "online"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "disabled, offline, online")
-    _require(0.0 <= float(cfg.attack.fraction) <= 1.0, "attack.fraction", cfg.attack.fraction, "0 <= value <= 1")
+    _int("client_resources.num_cpus", cfg.client_resources.num_cpus, 1)
+    _number("client_resources.num_gpus", cfg.client_resources.num_gpus, 0.0)
+    for key in ("train_limit", "test_limit"):
+        _int(f"dataset.{key}", cfg.dataset.get(key), 1, allow_none=True)
+    _number("attack.fraction", cfg.attack.fraction, 0.0, 1.0)
     ids = cfg.attack.malicious_ids
     if ids is not None:
         bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < cfg.num_clients)]
         _require(not bad, "attack.malicious_ids", list(ids), f"client ids in 0..{cfg.num_clients - 1}")
     if cfg.attack.poison is not None:
         poison = cfg.attack.poison
-        _require(0.0 <= float(poison.poison_ratio) <= 1.0, "attack.poison.poison_ratio", poison.poison_ratio,
-                 "0 <= value <= 1")
+        _number("attack.poison.poison_ratio", poison.poison_ratio, 0.0, 1.0)
+        if "target_label" in poison:
+            classes = DATASET_CLASSES.get(str(cfg.dataset.name))
+            _int("attack.poison.target_label", poison.target_label, 0, None if classes is None else classes - 1)
+    schedule = cfg.attack.get("schedule")
+    if schedule is not None:
+        _int("attack.schedule.start_round", schedule.start_round, 1)
+        _int("attack.schedule.end_round", schedule.end_round, schedule.start_round
+             if isinstance(schedule.start_round, int) else 1, allow_none=True)
+        _int("attack.schedule.every", schedule.every, 1)
+        _int("attack.schedule.per_round", schedule.per_round, 1, cfg.num_clients, allow_none=True)
     if cfg.partition.name == "dirichlet":
-        _require(float(cfg.partition.alpha) > 0, "partition.alpha", cfg.partition.alpha, "a number > 0")
+        _number("partition.alpha", cfg.partition.alpha, 0.0, low_open=True)
     if cfg.partition.name == "pathological":
-        _require(int(cfg.partition.classes_per_client) >= 1, "partition.classes_per_client",
-                 cfg.partition.classes_per_client, "an integer >= 1")
-    _require(1 <= int(cfg.min_train_clients) <= cfg.num_clients, "min_train_clients", cfg.min_train_clients,
-             f"1..num_clients ({cfg.num_clients})")
+        _int("partition.classes_per_client", cfg.partition.classes_per_client, 1)
 
 
 def resolve_device(name: str):

@@ -59,6 +59,15 @@ def test_targets_instantiate_the_named_classes():
     ("attack.malicious_ids=[12]", "attack.malicious_ids=[12] is invalid; allowed: client ids in 0..9"),
     ("logger.wandb.mode=cloud", "logger.wandb.mode='cloud' is invalid"),
     ("nosuchkey=3", "Could not override 'nosuchkey'"),
+    ("local.lr=abc", "local.lr='abc' is invalid; allowed: a number > 0"),
+    ("local.momentum=1.5", "local.momentum=1.5 is invalid; allowed: a number >= 0 and < 1"),
+    ("round_timeout=0", "round_timeout=0 is invalid"),
+    ("seed=1.5", "seed=1.5 is invalid; allowed: an integer >= 0"),
+    ("resume=maybe", "resume='maybe' is invalid; allowed: true or false"),
+    ("attack.poison.target_label=10", "attack.poison.target_label=10 is invalid; allowed: an integer >= 0 and <= 9"),
+    ("attack.schedule.end_round=0", "attack.schedule.end_round=0 is invalid"),
+    ("server.max_update_norm=-1", "server.max_update_norm=-1 is invalid; allowed: null or a number > 0"),
+    ("min_train_clients=11", "min_train_clients=11 is invalid; allowed: an integer >= 1 and <= 10"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as info:
