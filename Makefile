@@ -60,6 +60,7 @@ sweep: setup
 bench: setup
 	$(PY) bench/overhead.py
 	$(PY) bench/aggregation.py
+	$(PY) bench/fip.py
 	$(PY) bench/sdfc.py
 
 # the real deployment engine on 127.0.0.1 (TLS + SuperNode authentication), stopped by PID afterwards
