@@ -75,6 +75,7 @@ class RunRecorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.truth: dict[int, bool] = {}          # node id -> is malicious (latest train reply)
+        self.partition: dict[int, int] = {}       # node id -> partition id (node ids change between runs)
         self.rows: list[dict] = []
         self.t_start = time.time()
         self.round_seconds: dict[int, float] = {}
@@ -114,6 +115,8 @@ class RunRecorder:
     def record_truth(self, node_id: int, message_type: str, truth: dict) -> None:
         if message_type.startswith("train") and "is-malicious" in truth:
             self.truth[node_id] = bool(truth["is-malicious"])
+            if "partition-id" in truth:
+                self.partition[node_id] = int(truth["partition-id"])
 
     def round_row(self, server_round: int, report: RoundReport | None, ma: float | None, asr: float | None,
                   t_round: float) -> dict:
@@ -145,10 +148,11 @@ class RunRecorder:
         if report.info:
             row["defense"] = report.info
         if report.weights or report.client_info:
-            # per client (sorted by node id): ground truth, aggregation weight, defense scores; the
-            # evidence for why a defense did (not) work
-            row["clients"] = [{"malicious": truth.get(n), "weight": report.weights.get(n),
-                               **report.client_info.get(n, {})} for n in sorted(examined)]
+            # per client (by partition id: node ids are random per run): ground truth, aggregation weight,
+            # defense scores; the evidence for why a defense did (not) work
+            order = sorted(examined, key=lambda n: (self.partition.get(n, 1 << 62), n))
+            row["clients"] = [{"client": self.partition.get(n), "malicious": truth.get(n),
+                               "weight": report.weights.get(n), **report.client_info.get(n, {})} for n in order]
         return row
 
     def write_round(self, row: dict) -> None:
