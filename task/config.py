@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
-CONFIG_GROUPS = ("dataset", "partition", "model", "attack", "strategy", "experiment")
+CONFIG_GROUPS = ("dataset", "partition", "model", "attack", "strategy", "purification", "experiment")
 
 
 class ConfigError(ValueError):
