@@ -125,7 +125,8 @@ class RunRecorder:
             return row
         truth = self.truth
         examined = report.node_ids
-        det = detection_counts(examined, set(report.rejected), truth)
+        # detection is scored only for defenses that reject clients (FedAvg "detecting nothing" is no figure)
+        det = detection_counts(examined, set(report.rejected), truth) if report.filtering else None
         tpr, fpr = rates(det)
         known_weights = {n: w for n, w in report.weights.items() if n in truth}
         row.update({

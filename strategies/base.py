@@ -95,6 +95,7 @@ class RoundReport:
     info: dict[str, float] = field(default_factory=dict)
     client_info: dict[int, dict[str, float]] = field(default_factory=dict)
     invalid_kinds: dict[str, int] = field(default_factory=dict)  # rejection category -> count
+    filtering: bool = True  # does the strategy reject clients (detection TPR/FPR make sense)?
 
 
 class InvalidReply(ValueError):
@@ -232,6 +233,7 @@ class ThornStrategy(FedAvg):
     category = "robust_aggregation"
     needs_server_data = False  # True: the server hands it a ServerContext (needs server.val_fraction > 0)
     client_half: type[ClientHalf] | None = None  # the defense's client half, if it has one
+    filtering = False  # True: it rejects clients, so the records score its detection (TPR/FPR)
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  **kwargs: Any) -> None:
@@ -342,7 +344,8 @@ class ThornStrategy(FedAvg):
             server_round=server_round, node_ids=[u.node_id for u in updates], weights=outcome.weights,
             rejected=outcome.rejected, failures=failures, invalid=invalid, train_loss=train_loss,
             t_aggregate=t_aggregate, skipped=skipped or outcome.state is None, client_seconds=client_seconds,
-            info=outcome.info, client_info=outcome.client_info, invalid_kinds=invalid_kinds)
+            info=outcome.info, client_info=outcome.client_info, invalid_kinds=invalid_kinds,
+            filtering=self.filtering)
         if outcome.state is None:
             return None, None
         metrics = MetricRecord({"num-clients": len(updates), "num-rejected": len(outcome.rejected)})
@@ -376,6 +379,7 @@ class AnomalyDetection(ThornStrategy):
     """Rejects suspected clients (`detect`), then averages the rest by example count."""
 
     category = "anomaly_detection"
+    filtering = True
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
         """Node id -> reason, for every update to reject."""

@@ -104,6 +104,8 @@ class BulyanStrategy(RobustAggregation):
     """Recursive-Krum selection of θ = n - 2f models, then per coordinate the mean of the β = n - 4f
     values closest to the median."""
 
+    filtering = True  # clients left out of the aggregate are reported as rejected
+
     def __init__(self, num_malicious: int = DEFAULT_NUM_MALICIOUS, selection: str = DEFAULT_SELECTION,
                  **kwargs) -> None:
         super().__init__(**kwargs)

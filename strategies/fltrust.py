@@ -86,6 +86,8 @@ def fltrust_aggregate(updates: torch.Tensor, server_update: torch.Tensor) -> tup
 class FLTrustStrategy(RobustAggregation):
     """FLTrust: trust-score-weighted mean of client updates rescaled to the server update's norm."""
 
+    filtering = True  # clients left out of the aggregate are reported as rejected
+
     needs_server_data = True
 
     def __init__(self, root_epochs: int = ROOT_EPOCHS, server_lr: float = SERVER_LR,

@@ -47,6 +47,21 @@ def test_round_rows_join_report_and_truth(tmp_path):
     assert json.loads(lines[0])["round"] == 1
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "strategy:" in (tmp_path / "config.yaml").read_text()
+    # per-client entries, by partition id, with the ground truth next to the weight
+    assert [c["malicious"] for c in row["clients"]] == [True, False, False, False]
+    assert [c["weight"] for c in row["clients"]] == [0.0, .5, .25, .25]
+
+
+def test_a_defense_that_rejects_nobody_gets_no_detection_figures(tmp_path):
+    rec = RunRecorder(tmp_path, compose_config())
+    for node, malicious in {1: True, 2: False, 3: False, 4: False}.items():
+        rec.record_truth(node, "train", {"is-malicious": malicious, "partition-id": 10 - node})
+    plain = report(1)
+    plain.filtering = False  # e.g. FedAvg: "TPR 0" would be no measurement
+    row = rec.round_row(1, plain, 0.8, 0.1, 3.0)
+    assert row["detection"] is None and row["tpr"] is None and row["fpr"] is None
+    assert row["malicious_weight"] == 0.25  # the weight mass is still reported
+    assert [c["client"] for c in row["clients"]] == [6, 7, 8, 9]  # ordered by partition id, not node id
 
 
 def test_summary_reports_final_and_best(tmp_path):
