@@ -78,11 +78,25 @@ def _flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")).expanduser()
 
 
+def local_control_port() -> str:
+    """The control-API port of the managed local SuperLink `flwr run` uses (Flower's default, or the
+    FLWR_LOCAL_CONTROL_API_PORT environment variable)."""
+    return os.environ.get("FLWR_LOCAL_CONTROL_API_PORT", "39093")
+
+
 def local_superlink_pids() -> set[int]:
-    """PIDs of managed local SuperLinks (`flwr run` starts one and leaves it running)."""
+    """PIDs of the managed local SuperLink (`flwr run` starts one and leaves it running) of THIS
+    FLWR_HOME and control port. Matching the port matters: another run on the same machine with its
+    own ports has its own SuperLink, which must not be stopped when this run ends."""
     marker = str(_flwr_home() / "local-superlink")
-    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{marker}"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    address = f"--control-api-address 127.0.0.1:{local_control_port()} "
+    out = subprocess.run(["pgrep", "-af", f"flower-superlink.*{marker}"], capture_output=True, text=True)
+    pids = set()
+    for line in out.stdout.splitlines():
+        pid, _, cmdline = line.partition(" ")
+        if address in cmdline + " ":
+            pids.add(int(pid))
+    return pids
 
 
 def signal_pids(pids: set[int], sig: int) -> None:

@@ -34,7 +34,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def superlink_pids(control_port: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{control_port}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*--control-api-address 127.0.0.1:{control_port} "],
+                         capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
