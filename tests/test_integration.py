@@ -59,7 +59,7 @@ def test_flwr_run_four_supernodes_two_rounds_writes_the_records(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["n_clients"] == 4 and row["n_malicious"] == 1  # round(0.3 * 4) malicious, seen via truth
-        assert row["detection"] == {"tp": 0, "fp": 0, "tn": 3, "fn": 1}  # FedAvg rejects nobody
+        assert row["detection"] is None and row["tpr"] is None  # FedAvg rejects nobody: no detection figures
         assert 0.0 < row["malicious_weight"] < 1.0
         assert 0.0 <= row["ma"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["train_loss"] > 0
         assert row["t_round"] > 0 and row["t_aggregate"] >= 0
