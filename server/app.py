@@ -261,12 +261,12 @@ def run_experiment(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict:
         t0 = time.perf_counter()
         state = strategy.post_train(truth_grid, arrays.to_torch_state_dict(), cfg.num_rounds)
         # a multi-phase defense (strategies/pruning.py) lists the model after each phase: one row per phase
-        for phase in getattr(strategy, "post_train_phases", None) or []:
+        for phase in strategy.post_train_phases:
             model.load_state_dict(phase["state"])
             ma, asr = evaluate(model)
             recorder.write_round({**{k: v for k, v in phase.items() if k != "state"}, "ma": ma, "asr": asr})
             log(INFO, "[thorn] post-training phase %-8s | MA %s | ASR %s", phase["phase"], percent(ma), percent(asr))
-        if not getattr(strategy, "post_train_phases", None):
+        if not strategy.post_train_phases:
             model.load_state_dict(state)
             ma, asr = evaluate(model)
             recorder.write_round({"round": cfg.num_rounds, "phase": "post_train", "ma": ma, "asr": asr,

@@ -416,9 +416,18 @@ class ClientSideDefense(ThornStrategy):
 
 
 class PostTrainingDefense(ThornStrategy):
-    """Cleans the global model after the last round (`post_train`), e.g. pruning or purification."""
+    """Cleans the global model after the last round (`post_train`), e.g. pruning or purification.
+
+    A multi-phase defense fills `post_train_phases` during `post_train`, one dict per phase with
+    `phase` (name), `round`, `phase_rounds`, `t_round`, `state` (the model after the phase) and optional
+    `defense` (scalars); the ServerApp evaluates each state and writes one `metrics.jsonl` row per phase.
+    Left empty, the server writes one `post_train` row for the returned model."""
 
     category = "post_training"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.post_train_phases: list[dict[str, Any]] = []
 
     def post_train(self, grid: Grid, global_state: StateDict, server_round: int) -> StateDict:
         raise NotImplementedError
