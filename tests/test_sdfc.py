@@ -139,7 +139,7 @@ def test_difference_score_and_regularizer():
         model.weight.copy_(torch.tensor([[1.0, 2.0]]))
     reg = fisher_regularizer(model, {"weight": torch.tensor([[3.0, 0.5]])}, {"weight": torch.tensor([[0.0, 0.0]])},
                              lam=2.0)
-    assert float(reg) == pytest.approx(2.0 * (3.0 * 1 + 0.5 * 4))
+    assert float(reg.detach()) == pytest.approx(2.0 * (3.0 * 1 + 0.5 * 4))
 
 
 # ---- the server strategy on hand-made replies ------------------------------------------------------
