@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -107,5 +108,13 @@ def test_wandb_offline_logs_the_same_rounds(tmp_path, monkeypatch):
     rec.write_summary(finished=True)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    log = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))  # the offline log `wandb sync` uploads
+
+    def offline_log() -> bytes:  # the offline log `wandb sync` uploads
+        return b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+
+    # wandb's service process may still be flushing after finish() returns on a busy machine: wait for it
+    deadline = time.time() + 60
+    while not (b"final_asr" in offline_log() and b"best_ma" in offline_log()) and time.time() < deadline:
+        time.sleep(0.5)
+    log = offline_log()
     assert b"final_asr" in log and b"best_ma" in log  # the run summary reached the offline log
