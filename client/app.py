@@ -135,7 +135,8 @@ def injected_fault(cfg: DictConfig, partition_id: int, server_round: int) -> str
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config_of(context)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    fault = injected_fault(cfg, int(context.node_config["partition-id"]), int(config.get("server-round", 0)))
+    server_round = int(config.get("server-round", 0))
+    fault = injected_fault(cfg, int(context.node_config["partition-id"]), server_round)
     if fault == "raise":
         raise RuntimeError("injected fault (tests/conf/faults): this client crashes in this round")
     if fault == "hang":
@@ -144,11 +145,12 @@ def train(msg: Message, context: Context) -> Message:
     state = arrays.to_torch_state_dict()
     keys = list(state.keys())
     client = make_client(cfg, context, keys)
+    parameters_in = [v.numpy() for v in state.values()]
     defense = attach_defense(cfg, context, client)
     if defense is not None:
-        client.set_parameters([v.numpy() for v in state.values()])
-        defense.before_training(msg.content, int(config.get("server-round", 0)))
-    parameters, num_examples, metrics = client.fit([v.numpy() for v in state.values()], config)
+        client.set_parameters(parameters_in)
+        defense.before_training(msg.content, server_round)
+    parameters, num_examples, metrics = client.fit(parameters_in, config)
     save_memory(context, client)
     new_state = {k: torch.from_numpy(v) for k, v in zip(keys, parameters, strict=True)}
     if fault == "garbage":

@@ -123,12 +123,12 @@ def check_run(cfg: DictConfig) -> ThornStrategy:
         strategy.check_preconditions(clients_per_round(cfg))
     except ValueError as exc:
         raise ConfigError(f"strategy={cfg.strategy.name}: {exc}") from exc
-    if strategy.needs_server_data and float(cfg.server.val_fraction) == 0.0:
-        raise ConfigError(f"strategy={cfg.strategy.name} needs the server's clean split, but "
-                          "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
-    if purification_enabled(cfg) and float(cfg.server.val_fraction) == 0.0:  # purification: its clean split
-        raise ConfigError(f"purification={cfg.purification.name} needs the server's clean split, but "
-                          "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
+    # the defense and the purification that run on the server's clean split need one
+    for needs_split, who in ((strategy.needs_server_data, f"strategy={cfg.strategy.name}"),
+                             (purification_enabled(cfg), f"purification={cfg.get('purification', {}).get('name')}")):
+        if needs_split and float(cfg.server.val_fraction) == 0.0:
+            raise ConfigError(f"{who} needs the server's clean split, but "
+                              "server.val_fraction=0; allowed: 0 < server.val_fraction < 1")
     try:
         Purifier.from_run_config(cfg)
     except ValueError as exc:

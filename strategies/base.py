@@ -111,7 +111,7 @@ class InvalidReply(ValueError):
 class ReplyLimits:
     """Bounds a reply must respect before any defense sees it (strategy base layer, `server.*` config)."""
 
-    max_update_norm: float | None = 1.0e4    # L2 norm of (uploaded - global) over floating entries
+    max_update_norm: float | None = 1.0e4    # L2 norm of (uploaded - global) over the trainable parameters
     max_extra_bytes: int | None = None       # extra records in total; None: 4x the model's size + 1 MiB
 
 
@@ -302,6 +302,7 @@ class ThornStrategy(FedAvg):
         replies = list(replies)
         updates, invalid, invalid_kinds, failures = [], {}, {}, 0
         seen: set[int] = set()
+        norm_keys = self.keys_for_vectors(self.global_state) if self.global_state is not None else None
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -312,7 +313,6 @@ class ThornStrategy(FedAvg):
                 if node in seen:
                     raise InvalidReply(f"a second reply from node {node} in this round", "duplicate")
                 seen.add(node)
-                norm_keys = self.keys_for_vectors(self.global_state) if self.global_state is not None else None
                 update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys)
                 self.validate_update(update)
                 updates.append(update)
