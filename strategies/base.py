@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
@@ -36,7 +37,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from strategies.aggregation import StateDict, default_trainable_keys, weighted_average_states
+from strategies.aggregation import (
+    StateDict,
+    columnwise,
+    default_trainable_keys,
+    flatten_states,
+    weighted_average_states,
+)
+from strategies.stack import ReplyStack, array_view
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -67,6 +75,9 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)  # further records (e.g. Fisher vectors)
+    # set when the state tensors are views into row `row` of the round's ReplyStack (strategies/stack.py)
+    stack: ReplyStack | None = field(default=None, repr=False)
+    row: int | None = None
 
 
 @dataclass
@@ -132,11 +143,54 @@ def record_bytes(record: Any) -> int:
     return sum(len(str(k)) + len(v) if isinstance(v, bytes | str) else len(str(k)) + 8 for k, v in record.items())
 
 
+def decode_arrays(record: ArrayRecord, global_state: StateDict | None,
+                  row: StateDict | None = None) -> StateDict:
+    """The reply's arrays as tensors, checked against the global model's keys, shapes and dtypes.
+
+    Entries present in `row` (views into a `ReplyStack` row) are copied straight from the serialised
+    bytes into it and the views are returned; the rest become tensors of their own."""
+    try:
+        keys = list(record.keys())
+    except Exception as exc:  # a reply cannot crash the server
+        raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
+    if global_state is not None:
+        missing = [k for k in global_state if k not in keys]
+        extra = [k for k in keys if k not in global_state]
+        if missing:
+            raise InvalidReply(f"the uploaded model lacks {len(missing)} key(s), e.g. {missing[0]!r}", "keys")
+        if extra:
+            raise InvalidReply(f"the uploaded model has {len(extra)} unknown key(s), e.g. {extra[0]!r}", "keys")
+        keys = list(global_state)  # the global model's key order
+    state: StateDict = {}
+    for k in keys:
+        try:
+            array = record[k]
+            values = array_view(array.data) if array.stype == "numpy.ndarray" else array.numpy()
+            dtype = torch.from_numpy(np.empty(0, dtype=values.dtype)).dtype  # raises for types torch lacks
+        except Exception as exc:
+            raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
+        if global_state is not None:
+            ref = global_state[k]
+            if tuple(values.shape) != tuple(ref.shape):
+                raise InvalidReply(f"{k!r} has shape {tuple(values.shape)}, expected {tuple(ref.shape)}", "shape")
+            if dtype != ref.dtype:
+                raise InvalidReply(f"{k!r} has dtype {dtype}, expected {ref.dtype}", "dtype")
+        if row is not None and k in row:
+            row[k].numpy()[...] = values  # one copy: serialised bytes -> the stack row
+            state[k] = row[k]
+        else:
+            state[k] = torch.from_numpy(np.array(values))  # a writable copy of its own
+    return state
+
+
 def update_from_message(msg: Message, global_state: StateDict | None, limits: ReplyLimits | None = None,
-                        norm_keys: list[str] | None = None) -> ClientUpdate:
+                        norm_keys: list[str] | None = None, stack: ReplyStack | None = None) -> ClientUpdate:
     """Turn a reply into a ClientUpdate, rejecting (InvalidReply) what cannot be aggregated: missing
     records, a bad example count, other keys, shapes or dtypes than the global model's, NaN/Inf, an
-    absurd update norm (over `norm_keys`, the trainable parameters), oversized extra records."""
+    absurd update norm (over `norm_keys`, the trainable parameters), oversized extra records.
+
+    With a `stack` (built from `global_state`), the model is decoded into its next free row, which the
+    update then owns (`stack.used` grows by one only when the reply is accepted)."""
     limits = limits or ReplyLimits()
     content = msg.content
     if ARRAYS_KEY not in content.array_records:
@@ -148,32 +202,23 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
     if (not isinstance(num_examples, int | float) or isinstance(num_examples, bool)
             or not math.isfinite(num_examples) or num_examples <= 0):
         raise InvalidReply(f"'num-examples' must be a positive number, got {num_examples!r}", "num-examples")
-    try:
-        state = content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    except Exception as exc:  # undecodable arrays: a reply cannot crash the server
-        raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
-    if global_state is not None:
-        missing = [k for k in global_state if k not in state]
-        extra = [k for k in state if k not in global_state]
-        if missing:
-            raise InvalidReply(f"the uploaded model lacks {len(missing)} key(s), e.g. {missing[0]!r}", "keys")
-        if extra:
-            raise InvalidReply(f"the uploaded model has {len(extra)} unknown key(s), e.g. {extra[0]!r}", "keys")
-        state = {k: state[k] for k in global_state}  # the global model's key order
-        for k, ref in global_state.items():
-            value = state[k]
-            if tuple(value.shape) != tuple(ref.shape):
-                raise InvalidReply(f"{k!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}", "shape")
-            if value.dtype != ref.dtype:
-                raise InvalidReply(f"{k!r} has dtype {value.dtype}, expected {ref.dtype}", "dtype")
-    floating = [v for v in state.values() if torch.is_floating_point(v)]
+    if stack is not None and (global_state is None or stack.used >= stack.matrix.shape[0]):
+        raise ValueError("a reply stack needs the global model and a free row")
+    row = stack.row_views(stack.used) if stack is not None else None
+    state = decode_arrays(content.array_records[ARRAYS_KEY], global_state, row)
     for k, v in state.items():
         if torch.is_floating_point(v) and not torch.isfinite(v).all():
             raise InvalidReply(f"{k!r} holds NaN or Inf", "non-finite")
+    floating = [v for v in state.values() if torch.is_floating_point(v)]
     if global_state is not None and limits.max_update_norm is not None and floating:
         # over the trainable parameters: BatchNorm running statistics may legitimately be large
         keys = norm_keys if norm_keys is not None else default_trainable_keys(global_state)
-        squared = sum(float((state[k].double() - global_state[k].double()).pow(2).sum()) for k in keys)
+        width = stack.vectors_for(keys) if stack is not None else None
+        if width is not None:  # one pass over the row prefix, float64 accumulation, no float64 copy
+            diff = stack.matrix[stack.used, :width] - stack.reference[:width]
+            squared = float(sum(torch.dot(c, c).double() for c in diff.split(1 << 20)))
+        else:
+            squared = sum(float((state[k].double() - global_state[k].double()).pow(2).sum()) for k in keys)
         norm = math.sqrt(squared)
         if not math.isfinite(norm) or norm > limits.max_update_norm:
             raise InvalidReply(f"update norm {norm:.4g} exceeds server.max_update_norm={limits.max_update_norm:g}",
@@ -186,10 +231,14 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
         size = sum(record_bytes(r) for r in extras.values())
         if size > bound:
             raise InvalidReply(f"extra records of {size} bytes exceed the limit of {bound} bytes", "oversized")
-    return ClientUpdate(node_id=msg.metadata.src_node_id, state=state, num_examples=int(num_examples),
-                        metrics={k: float(v) for k, v in metrics.items()
-                                 if isinstance(v, int | float) and not isinstance(v, bool)},
-                        extras=extras)
+    update = ClientUpdate(node_id=msg.metadata.src_node_id, state=state, num_examples=int(num_examples),
+                          metrics={k: float(v) for k, v in metrics.items()
+                                   if isinstance(v, int | float) and not isinstance(v, bool)},
+                          extras=extras)
+    if stack is not None:
+        update.stack, update.row = stack, stack.used
+        stack.used += 1
+    return update
 
 
 class ClientHalf:
@@ -303,6 +352,9 @@ class ThornStrategy(FedAvg):
         updates, invalid, invalid_kinds, failures = [], {}, {}, 0
         seen: set[int] = set()
         norm_keys = self.keys_for_vectors(self.global_state) if self.global_state is not None else None
+        # every accepted model goes into one row of a matrix allocated once for the round (stack.py)
+        stack = (ReplyStack(self.global_state, norm_keys, capacity=len(replies))
+                 if self.global_state is not None and replies else None)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -313,8 +365,13 @@ class ThornStrategy(FedAvg):
                 if node in seen:
                     raise InvalidReply(f"a second reply from node {node} in this round", "duplicate")
                 seen.add(node)
-                update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys)
-                self.validate_update(update)
+                update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys, stack)
+                try:
+                    self.validate_update(update)
+                except InvalidReply:
+                    if stack is not None:  # free the row it was decoded into (the last one taken)
+                        stack.used -= 1
+                    raise
                 updates.append(update)
             except InvalidReply as exc:
                 invalid[node] = str(exc)
@@ -322,6 +379,12 @@ class ThornStrategy(FedAvg):
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, exc)
 
         updates.sort(key=content_key)
+        if stack is not None and updates:
+            # rows follow the sorted order, so the first k updates are the first k rows (a view)
+            stack.reorder([u.row for u in updates])
+            for i, update in enumerate(updates):
+                update.row = i
+                update.state.update(stack.row_views(i))
         train_loss = None
         if updates:
             total = sum(u.num_examples for u in updates)
@@ -362,10 +425,53 @@ def example_weights(updates: list[ClientUpdate]) -> torch.Tensor:
     return torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
 
 
+def shared_stack(updates: list[ClientUpdate]) -> ReplyStack | None:
+    """The ReplyStack holding every one of `updates`, or None (updates built by hand, as in unit tests)."""
+    stack = updates[0].stack if updates else None
+    if stack is None or any(u.stack is not stack for u in updates):
+        return None
+    return stack
+
+
+def update_vectors(updates: list[ClientUpdate], keys: list[str],
+                   reference: StateDict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(matrix, rows, reference vector): the clients' models over `keys` are matrix[rows] (every row of
+    `matrix` when rows is None), the reference model's (usually the global one) is the vector.
+
+    READ-ONLY: when the updates live in the round's ReplyStack, `matrix` is a view of it (no copy of
+    100 x 11 M floats); writing into it would change the clients' models. Otherwise it is a fresh
+    float32 flattening."""
+    stack = shared_stack(updates)
+    width = stack.vectors_for(keys) if stack is not None else None
+    if width is None:
+        return (flatten_states([u.state for u in updates], keys), None,
+                flatten_states([reference], keys)[0])
+    rows = [u.row for u in updates]
+    # the stack holds the global model it was built from in the same layout: no flattening needed
+    reference_vector = stack.reference[:width] if reference is stack.template else flatten_states([reference], keys)[0]
+    if rows == list(range(len(rows))):
+        return stack.matrix[:len(rows), :width], None, reference_vector
+    return stack.matrix[:, :width], torch.as_tensor(rows, dtype=torch.long), reference_vector
+
+
 def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOutcome:
     """Weighted mean of the updates' state dicts; `weights` need not be normalised."""
-    w = weights / weights.sum()
-    return AggregationOutcome(state=weighted_average_states([u.state for u in updates], w),
+    w = (weights / weights.sum()).to(torch.float64)
+    stack = shared_stack(updates)
+    if stack is None:
+        state = weighted_average_states([u.state for u in updates], w)
+    else:  # float64 accumulation over column blocks of the stack, as weighted_average_states does
+        rows = [u.row for u in updates]
+        contiguous = rows == list(range(len(rows)))
+        matrix = stack.matrix[:len(rows)] if contiguous else stack.matrix
+        index = None if contiguous else torch.as_tensor(rows, dtype=torch.long)
+        state = stack.unflatten(columnwise(matrix, lambda block: (w @ block.to(torch.float64)).to(torch.float32),
+                                           rows=index))
+        others = [k for k in updates[0].state if not stack.holds(k)]
+        if others:
+            state.update(weighted_average_states([{k: u.state[k] for k in others} for u in updates], w))
+        state = {k: state[k] for k in updates[0].state}
+    return AggregationOutcome(state=state,
                               weights={u.node_id: float(wi) for u, wi in zip(updates, w, strict=True)})
 
 

@@ -34,7 +34,7 @@ import torch
 from flwr.common import log
 
 from strategies.aggregation import StateDict
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, update_vectors
 from strategies.krum import (
     DEFAULT_NUM_MALICIOUS,
     krum_scores_from_distances,
@@ -42,32 +42,41 @@ from strategies.krum import (
     pairwise_sq_distances,
     rank_by_score,
 )
-from strategies.median import coordinate_median, reference_state, robust_state, updates_matrix
+from strategies.median import coordinate_median, coordinatewise_rule, reference_state, robust_state
 
 DEFAULT_SELECTION = "krum"          # "krum": the paper's recursive Krum; "multikrum": Flower's one-shot
 SELECTIONS = ("krum", "multikrum")
 
 
 # ---- the math ------------------------------------------------------------------------------------
-def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
+def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
     """(n, d) -> `count` indices, in the order recursive Krum picks them: Krum on the remaining set,
-    remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix."""
-    sq_distances = pairwise_sq_distances(vectors)
-    remaining = torch.arange(vectors.shape[0], device=sq_distances.device)
+    remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix.
+    With `rows`, among vectors[rows] (the indices returned are positions in `rows`)."""
+    sq_distances = pairwise_sq_distances(vectors, rows)
+    remaining = torch.arange(sq_distances.shape[0], device=sq_distances.device)
     chosen = []
     for _ in range(count):
         sub = sq_distances[remaining][:, remaining]
         pick = int(rank_by_score(krum_scores_from_distances(sub, num_malicious))[0])
         chosen.append(remaining[pick])
         remaining = torch.cat([remaining[:pick], remaining[pick + 1:]])
-    return torch.stack(chosen).to(vectors.device)
+    return torch.stack(chosen).to(vectors.device) if chosen else torch.zeros(0, dtype=torch.long)
 
 
 def closest_to_median_mean(vectors: torch.Tensor, beta: int) -> torch.Tensor:
-    """(θ, d) -> (d,): per coordinate, the mean of the `beta` values closest to the coordinate's median."""
+    """(θ, d) -> (d,): per coordinate, the mean of the `beta` values closest to the coordinate's median.
+
+    Computed as (sum of all θ values - sum of the θ - β farthest) / β: a top-k of the few farthest
+    (2f of them) instead of the many closest; the same set of values up to ties in distance."""
+    theta = vectors.shape[0]
+    if beta >= theta:
+        return vectors.mean(dim=0)
     median = coordinate_median(vectors)
-    closest = torch.topk((vectors - median).abs(), beta, dim=0, largest=False).indices
-    return torch.gather(vectors, 0, closest).mean(dim=0)
+    farthest = torch.topk((vectors - median).abs(), theta - beta, dim=0, largest=True).indices
+    dropped = torch.gather(vectors, 0, farthest).sum(dim=0)
+    return (vectors.sum(dim=0) - dropped) / beta
 
 
 def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:
@@ -76,16 +85,22 @@ def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:
     return theta, theta - 2 * num_malicious
 
 
+def bulyan_select(vectors: torch.Tensor, num_malicious: int, selection: str = DEFAULT_SELECTION,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The θ = n - 2f indices Bulyan's first stage keeps (of vectors[rows] with `rows`)."""
+    n = vectors.shape[0] if rows is None else len(rows)
+    check_bulyan_preconditions(n, num_malicious, selection)
+    theta, _ = bulyan_sizes(n, num_malicious)
+    if selection == "krum":
+        return iterative_krum_select(vectors, num_malicious, theta, rows)
+    return multikrum_select(vectors if rows is None else vectors[rows], num_malicious, theta)
+
+
 def bulyan(vectors: torch.Tensor, num_malicious: int,
            selection: str = DEFAULT_SELECTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, d) -> ((d,) aggregate, the θ selected indices)."""
-    n = vectors.shape[0]
-    check_bulyan_preconditions(n, num_malicious, selection)
-    theta, beta = bulyan_sizes(n, num_malicious)
-    if selection == "krum":
-        selected = iterative_krum_select(vectors, num_malicious, theta)
-    else:
-        selected = multikrum_select(vectors, num_malicious, theta)
+    selected = bulyan_select(vectors, num_malicious, selection)
+    _, beta = bulyan_sizes(vectors.shape[0], num_malicious)
     return closest_to_median_mean(vectors[selected], beta), selected
 
 
@@ -124,8 +139,13 @@ class BulyanStrategy(RobustAggregation):
             return AggregationOutcome(state=None, weights={})
         reference = reference_state(global_state, updates)
         keys = self.keys_for_vectors(reference)
-        aggregate, selected_idx = bulyan(updates_matrix(reference, updates, keys), f, self.selection)
+        # stage 1 on the models (distances do not need the reference), stage 2 on the updates of the
+        # selected clients, over column blocks (no copy of the selected rows as a whole)
+        vectors, rows, _ = update_vectors(updates, keys, reference=updates[0].state)
+        selected_idx = bulyan_select(vectors, f, self.selection, rows)
         theta, beta = bulyan_sizes(n, f)
+        aggregate = coordinatewise_rule(lambda block: closest_to_median_mean(block, beta), reference, updates, keys,
+                                        rows_of=selected_idx.tolist())
         selected = [updates[i] for i in selected_idx.tolist()]
         chosen = {u.node_id for u in selected}
         return AggregationOutcome(

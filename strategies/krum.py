@@ -34,8 +34,15 @@ from logging import WARNING
 import torch
 from flwr.common import log
 
-from strategies.aggregation import StateDict, flatten_states
-from strategies.base import AggregationOutcome, AnomalyDetection, ClientUpdate, example_weights, mean_of
+from strategies.aggregation import COLUMN_BLOCK, StateDict, columnwise, row_block
+from strategies.base import (
+    AggregationOutcome,
+    AnomalyDetection,
+    ClientUpdate,
+    example_weights,
+    mean_of,
+    update_vectors,
+)
 
 DEFAULT_NUM_MALICIOUS = 3     # f: Byzantine clients tolerated
 DEFAULT_NUM_SELECTED = None   # m (Multi-Krum): None -> n - f
@@ -43,14 +50,22 @@ DEFAULT_WEIGHTED = True       # Multi-Krum: average the m kept models by num-exa
 
 
 # ---- the math ------------------------------------------------------------------------------------
-def pairwise_sq_distances(vectors: torch.Tensor) -> torch.Tensor:
+def pairwise_sq_distances(vectors: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """(n, d) -> (n, n) float64 squared Euclidean distances, exactly symmetric with a zero diagonal.
+    With `rows`, the distances between vectors[rows].
 
-    One Gram matrix (a single matmul, no (n, n, d) tensor and no extra (n, d) copy beyond centring),
-    on rows centred by their mean: distances do not change, and centring keeps |x|² + |y|² - 2x·y from
-    cancelling catastrophically when the models are far from the origin and close to each other."""
-    centred = vectors - vectors.mean(dim=0, keepdim=True)
-    gram = (centred @ centred.T).to(torch.float64)
+    One Gram matrix on rows centred by their mean: distances do not change, and centring keeps
+    |x|² + |y|² - 2x·y from cancelling catastrophically when the models are far from the origin and
+    close to each other. The Gram matrix is accumulated over column blocks (float32 products, float64
+    sums), so no centred copy of a 100 x 11 M matrix is ever made."""
+    n = vectors.shape[0] if rows is None else len(rows)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
+    if n == 0:
+        return gram
+    mean = columnwise(vectors, lambda block: block.mean(dim=0), rows=rows)
+    for start in range(0, vectors.shape[1], COLUMN_BLOCK):
+        block = row_block(vectors, rows, start, start + COLUMN_BLOCK) - mean[start:start + COLUMN_BLOCK]
+        gram += (block @ block.T).to(torch.float64)
     sq_norms = gram.diagonal()
     d2 = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)
     d2 = (d2 + d2.T) / 2
@@ -73,9 +88,9 @@ def krum_scores_from_distances(sq_distances: torch.Tensor, num_malicious: int) -
     return torch.topk(off_diagonal, k, dim=1, largest=False).values.sum(dim=1)
 
 
-def krum_scores(vectors: torch.Tensor, num_malicious: int) -> torch.Tensor:
-    """(n, d) -> (n,) Krum scores (lower is more central)."""
-    return krum_scores_from_distances(pairwise_sq_distances(vectors), num_malicious)
+def krum_scores(vectors: torch.Tensor, num_malicious: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, d) -> (n,) Krum scores (lower is more central); with `rows`, of vectors[rows]."""
+    return krum_scores_from_distances(pairwise_sq_distances(vectors, rows), num_malicious)
 
 
 def rank_by_score(scores: torch.Tensor) -> torch.Tensor:
@@ -132,7 +147,9 @@ class MultiKrumStrategy(AnomalyDetection):
             log(WARNING, "round %d: %s with f=%d needs more than %d replies, got %d: using %d neighbours",
                 server_round, self.rule, f, 2 * f + 2, n, num_neighbours(n, f))
         keys = self.keys_for_vectors(updates[0].state)
-        scores = krum_scores(flatten_states([u.state for u in updates], keys), f)
+        # distances between models equal distances between updates: no reference needed
+        vectors, rows, _ = update_vectors(updates, keys, reference=updates[0].state)
+        scores = krum_scores(vectors, f, rows)
         return rank_by_score(scores).tolist(), self.selected_count(n)
 
     def _rejections(self, updates: list[ClientUpdate], order: list[int], m: int) -> dict[int, str]:

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from strategies.aggregation import StateDict, apply_update, update_matrix, weighted_average_states
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights
+from strategies.aggregation import StateDict, apply_update, columnwise, weighted_average_states
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -52,8 +52,16 @@ def reference_state(global_state: StateDict | None, updates: Sequence[ClientUpda
     return {k: torch.zeros_like(v) for k, v in updates[0].state.items()}
 
 
-def updates_matrix(global_state: StateDict, updates: Sequence[ClientUpdate], keys: Sequence[str]) -> torch.Tensor:
-    return update_matrix([u.state for u in updates], global_state, keys)
+def coordinatewise_rule(rule, global_state: StateDict, updates: Sequence[ClientUpdate], keys: Sequence[str],
+                        rows_of: Sequence[int] | None = None) -> torch.Tensor:
+    """(d,): `rule` ((k, c) block -> (c,)) over column blocks of the updates (local - global) on `keys`;
+    with `rows_of`, of those updates only (positions in `updates`). Never materialises the (n, d)
+    matrix of updates: blocks of the models (views of the round's ReplyStack) minus the global model."""
+    matrix, rows, reference = update_vectors(list(updates), list(keys), global_state)
+    if rows_of is not None:
+        picked = torch.as_tensor(list(rows_of), dtype=torch.long)
+        rows = picked if rows is None else rows[picked]
+    return columnwise(matrix, rule, rows=rows, offset=reference)
 
 
 def robust_state(global_state: StateDict, keys: Sequence[str], update: torch.Tensor,
@@ -83,6 +91,6 @@ class MedianStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         reference = reference_state(global_state, updates)
         keys = self.keys_for_vectors(reference)
-        median = coordinate_median(updates_matrix(reference, updates, keys))
+        median = coordinatewise_rule(coordinate_median, reference, updates, keys)
         return AggregationOutcome(state=robust_state(reference, keys, median, updates),
                                   weights=uniform_weights(updates))

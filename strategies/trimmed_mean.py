@@ -24,7 +24,7 @@ from flwr.common import log
 
 from strategies.aggregation import StateDict
 from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation
-from strategies.median import reference_state, robust_state, uniform_weights, updates_matrix
+from strategies.median import coordinatewise_rule, reference_state, robust_state, uniform_weights
 
 DEFAULT_BETA = 0.2  # β: fraction trimmed at each end of every coordinate
 
@@ -69,7 +69,8 @@ class TrimmedMeanStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         reference = reference_state(global_state, updates)
         keys = self.keys_for_vectors(reference)
-        mean = trimmed_mean(updates_matrix(reference, updates, keys), self.beta)
+        check_beta(self.beta)
+        mean = coordinatewise_rule(lambda block: trimmed_mean(block, self.beta), reference, updates, keys)
         return AggregationOutcome(state=robust_state(reference, keys, mean, updates),
                                   weights=uniform_weights(updates),
                                   info={"num_trimmed_each_end": float(trimmed_count(len(updates), self.beta))})
