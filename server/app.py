@@ -53,9 +53,17 @@ def resolve_out_dir(cfg: DictConfig, out_dir_override: str = "") -> Path:
 
 
 def build_strategy(cfg: DictConfig) -> ThornStrategy:
+    from hydra.errors import InstantiationException
+
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
-    strategy = instantiate(params, fraction_train=float(cfg.fraction_train),
-                           min_train_nodes=int(cfg.min_train_clients), min_available_nodes=int(cfg.num_clients))
+    try:
+        strategy = instantiate(params, fraction_train=float(cfg.fraction_train),
+                               min_train_nodes=int(cfg.min_train_clients), min_available_nodes=int(cfg.num_clients))
+    except InstantiationException as exc:
+        # a constructor's ValueError names the bad key (e.g. strategy.every): one line, not Hydra's traceback
+        if not isinstance(exc.__cause__, ValueError | TypeError):
+            raise
+        raise ConfigError(f"strategy={cfg.strategy.name}: {exc.__cause__}") from exc
     if not isinstance(strategy, ThornStrategy):
         raise ConfigError(f"strategy._target_={params.get('_target_')!r} is not a thorn strategy "
                           "(a subclass of strategies.base.ThornStrategy)")

@@ -16,17 +16,26 @@ without seeing any client data, in phases that are Flower messages (spec: shared
     half re-applies it after every local step, the server after aggregation.
 3.  adjust (server only): the layer's weights outside μ ± δσ are set to 0.
 
+When (`schedule`): `final` (default, the paper) runs the phases once, after the last round. `periodic`
+(the spec's optional mode; the third-party re-implementation's harness prunes and adjusts every 5 rounds)
+also runs 1a, 1b and 3 right after the aggregation of every training round t with t % `every` == 0 and
+t < num_rounds (the last round is left to the final cleansing above, which still runs). The event's
+figures go into that round's metrics.jsonl row (`defense`: rate, channels removed, weights adjusted), and
+the round's MA/ASR are those of the pruned model. Between events [INFERRED, the re-implementation holds
+nothing]: the mask is held, i.e. sent in every train message, re-applied by the clients after every step
+and by the server after every aggregation, so removed channels stay removed instead of regrowing; a later
+event (and the final cleansing) ranks the held channels first and keeps them removed, so the rate counts
+every removed channel and the mask only grows. Adjusted extreme weights are not held (only channels are).
+
 Removing a channel zeroes its filter (weight and bias) and the following BatchNorm's γ and β: with β kept,
 BN would keep the "removed" channel alive.
 
-Provenance of the defaults (see the spec's tags): δ = 3 is the third-party re-implementation's value; the
-candidate grid (0 to 0.9 in steps of 0.05), τ = 0.05, 5 fine-tuning rounds and 640 activation samples per
-client (the re-implementation's 10 batches of 64) are [INFERRED]. The extreme-weight statistics are taken
-over the layer's unpruned filters ([INFERRED]: the zeros of the removed filters would shrink σ and flag
-ordinary weights); `adjust_stats=filter` takes μ, σ per filter instead.
-
-Not done: the periodic mode (prune and adjust every p rounds during training, as the re-implementation's
-harness does); only the paper's once-after-training mode is implemented.
+Provenance of the defaults (see the spec's tags): δ = 3 and `every` = 5 (periodic mode) are the
+third-party re-implementation's values; the candidate grid (0 to 0.9 in steps of 0.05), τ = 0.05, 5
+fine-tuning rounds and 640 activation samples per client (the re-implementation's 10 batches of 64) are
+[INFERRED]. The extreme-weight statistics are taken over the layer's unpruned filters ([INFERRED]: the
+zeros of the removed filters would shrink σ and flag ordinary weights); `adjust_stats=filter` takes μ, σ
+per filter instead.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ RESULT_KEY = "pruning"                       # query-reply ArrayRecord {"activat
 AGG_OPTIONS = ("mean_activation", "mean_rank", "vote")
 ACCURACY_AGG_OPTIONS = ("weighted_mean", "median")
 ADJUST_STATS_OPTIONS = ("layer", "filter")
+SCHEDULE_OPTIONS = ("final", "periodic")
 
 DEFAULT_RATES = tuple(round(0.05 * i, 2) for i in range(19))  # 0, 0.05, ..., 0.9 [INFERRED]
 DEFAULT_TOLERANCE = 0.05       # τ: accepted drop of the aggregated client accuracy [INFERRED]
@@ -69,6 +79,7 @@ DEFAULT_FINETUNE_ROUNDS = 5    # T_ft [INFERRED]
 DEFAULT_DELTA = 3.0            # δ: extreme weights lie outside μ ± δσ (third-party implementation)
 DEFAULT_ACTIVATION_SAMPLES = 640
 DEFAULT_VOTE_SHARE = 0.5       # agg=vote: each client votes for its most dormant half of the channels
+DEFAULT_EVERY = 5              # p: schedule=periodic prunes after every p-th round (third-party harness)
 
 
 # ---- which layer ----------------------------------------------------------------------------------
@@ -341,7 +352,10 @@ class FederatedPruningStrategy(PostTrainingDefense):
     """FedAvg during training; after it, rank → choose rate → fine-tune → adjust extreme weights.
 
     `post_train_phases` lists one entry per phase (train, prune, finetune, adjust) with the model after
-    it; the ServerApp evaluates each and writes one metrics.jsonl row per phase (column `phase`)."""
+    it; the ServerApp evaluates each and writes one metrics.jsonl row per phase (column `phase`).
+
+    With `schedule="periodic"`, `aggregate_train` also runs rank → choose rate → adjust after every
+    `every`-th training round before the last (`num_rounds`) and holds the mask from then on."""
 
     client_half = PruningClientHalf
 
@@ -350,16 +364,21 @@ class FederatedPruningStrategy(PostTrainingDefense):
                  finetune_rounds: int = DEFAULT_FINETUNE_ROUNDS, delta: float = DEFAULT_DELTA,
                  adjust_stats: str = "layer", activation_samples: int = DEFAULT_ACTIVATION_SAMPLES,
                  accuracy_samples: int = 0, vote_share: float = DEFAULT_VOTE_SHARE, query_timeout: float = 600.0,
+                 schedule: str = "final", every: int = DEFAULT_EVERY, num_rounds: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.schedule, self.every, self.num_rounds = schedule, every, num_rounds
         self.agg, self.accuracy_agg, self.adjust_stats = agg, accuracy_agg, adjust_stats
         self.tolerance, self.delta, self.vote_share = float(tolerance), float(delta), float(vote_share)
         self.rates = [float(r) for r in (rates if rates is not None else DEFAULT_RATES)]
         self.finetune_rounds = int(finetune_rounds)
         self.activation_samples, self.accuracy_samples = int(activation_samples), int(accuracy_samples)
         self.query_timeout = float(query_timeout)
-        self.keep: torch.Tensor | None = None  # the mask, sent with every fine-tuning train message
+        self.keep: torch.Tensor | None = None  # the mask, sent with every train message while it is held
         self.post_train_phases: list[dict[str, Any]] = []
+        # Flower hands the grid to configure_train but not to aggregate_train, where a periodic event
+        # queries the clients; the grid of the round being aggregated is kept here
+        self._grid: Grid | None = None
         self._check_options()
 
     def _check_options(self) -> None:
@@ -373,16 +392,68 @@ class FederatedPruningStrategy(PostTrainingDefense):
             raise ValueError(f"strategy.rates={self.rates} is invalid; allowed: increasing rates in [0, 1) from 0")
         if self.finetune_rounds < 0 or self.delta <= 0 or self.tolerance < 0:
             raise ValueError("strategy.finetune_rounds must be >= 0, strategy.delta > 0, strategy.tolerance >= 0")
+        if self.schedule not in SCHEDULE_OPTIONS:
+            raise ValueError(f"strategy.schedule={self.schedule!r} is invalid; allowed: {', '.join(SCHEDULE_OPTIONS)}")
+        if self.schedule == "periodic":
+            # bool is an int subclass: every=true must not pass as 1
+            if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+                raise ValueError(f"strategy.every={self.every!r} is invalid; allowed: an integer >= 1 "
+                                 "(schedule=periodic prunes after every `every`-th round)")
+            if not isinstance(self.num_rounds, int) or self.num_rounds < 1:
+                raise ValueError(f"strategy.num_rounds={self.num_rounds!r} is invalid; allowed: the run's num_rounds "
+                                 "(conf/strategy/pruning.yaml sets ${num_rounds}), which schedule=periodic needs")
+            if self.every >= self.num_rounds:
+                # no round before the last is a multiple of `every`: the run would be schedule=final
+                raise ValueError(f"strategy.every={self.every} is invalid with num_rounds={self.num_rounds}; allowed: "
+                                 f"1 <= every < num_rounds, so that some round before the last prunes")
 
-    # FedAvg during training and fine-tuning (the defense acts after training)
+    # FedAvg during training and fine-tuning; while a mask is held, its channels are zeroed again after
+    # the mean (a client that ignored the mask, or an attacker, cannot revive them)
     def aggregate_updates(self, server_round: int, global_state: StateDict,
                           updates: list[ClientUpdate]) -> AggregationOutcome:
-        return mean_of(updates, example_weights(updates))
+        outcome = mean_of(updates, example_weights(updates))
+        if self.keep is not None:
+            outcome.state = apply_mask(outcome.state, find_pruning_target(outcome.state), self.keep)
+            outcome.info = {**outcome.info, "n_pruned_held": int((~self.keep).sum())}
+        return outcome
 
     def client_records(self, server_round: int, node_id: int) -> dict[str, ArrayRecord | ConfigRecord]:
         if self.keep is None:
             return {}
         return {MASK_KEY: ArrayRecord({"keep": self.keep.to(torch.float32)})}
+
+    # a resumed periodic run must keep holding the mask of its earlier events
+    def state_dict(self) -> dict[str, Any]:
+        return {"keep": None if self.keep is None else self.keep.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keep = state.get("keep")
+        self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def periodic_event_due(self, server_round: int) -> bool:
+        """schedule=periodic: prune after round t when t % every == 0, except the last training round (the
+        final cleansing follows it) and the fine-tuning rounds after it (t > num_rounds)."""
+        return (self.schedule == "periodic" and server_round % self.every == 0
+                and server_round < self.num_rounds)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if not self.periodic_event_due(server_round):
+            return arrays, metrics
+        if arrays is None:  # too few valid replies: the clients are unlikely to answer the queries either
+            log(WARNING, "[pruning] round %d: aggregation skipped, so is this round's periodic pruning", server_round)
+            return arrays, metrics
+        t0 = time.perf_counter()
+        state, info = self.prune_and_adjust(self._grid, arrays.to_torch_state_dict(), server_round)
+        # the event's figures go into this round's metrics.jsonl row (`defense`), next to the round's MA/ASR
+        self.last_report.info = {**self.last_report.info, **info, "t_prune": time.perf_counter() - t0}
+        return ArrayRecord(state), metrics
 
     # ---- the phases ------------------------------------------------------------------------------
     def _query(self, grid: Grid, action: str, state: StateDict, config: dict[str, Any]) -> list[Message]:
@@ -460,23 +531,53 @@ class FederatedPruningStrategy(PostTrainingDefense):
                 "" if arrays is not None else " SKIPPED")
         return state
 
+    def prune(self, grid: Grid, state: StateDict, target: PruningTarget) -> tuple[StateDict, dict[str, Any]]:
+        """Phases 1a and 1b on `state`: sets the mask `self.keep`; returns the pruned state and its figures.
+
+        A mask held from an earlier periodic event stays: its channels (all zero, so dormant anyway) go first
+        in the sequence, so a rate counts every removed channel, and they are removed whatever r* is."""
+        held = self.keep
+        order = self.rank_channels(grid, state, target)
+        if held is not None:
+            order = torch.cat([order[~held[order]], order[held[order]]])
+        index, curve = self.choose_pruning_rate(grid, state, order)
+        rate = self.rates[index]
+        self.keep = keep_mask(order, target.channels, rate)
+        if held is not None:
+            self.keep &= held
+        n_pruned = int((~self.keep).sum())
+        n_held = 0 if held is None else int((~held).sum())
+        log(INFO, "[pruning] layer %s: rate %.2f removes %d of %d channels (%d newly; client accuracy %.4f -> %.4f)",
+            target.layer, rate, n_pruned, target.channels, n_pruned - n_held, float(curve[0]), float(curve[index]))
+        return apply_mask(state, target, self.keep), {
+            "layer": target.layer, "rate": rate, "n_pruned": n_pruned, "n_newly_pruned": n_pruned - n_held,
+            "client_acc_unpruned": float(curve[0]), "client_acc_pruned": float(curve[index]),
+            "client_acc_curve": [float(a) for a in curve], "sequence": [int(c) for c in order]}
+
+    def adjust(self, state: StateDict, target: PruningTarget) -> tuple[StateDict, dict[str, Any]]:
+        """Phase 3: the extreme weights of the layer's kept filters set to 0; returns the state and its figures."""
+        state, n_adjusted = adjust_extreme_weights(state, target, self.delta, self.adjust_stats == "filter", self.keep)
+        weights = state[f"{target.layer}.weight"].numel()
+        log(INFO, "[pruning] extreme weights (δ = %g): %d of %d set to 0", self.delta, n_adjusted, weights)
+        return state, {"n_adjusted": n_adjusted, "share_adjusted": n_adjusted / weights}
+
+    def prune_and_adjust(self, grid: Grid, state: StateDict, server_round: int) -> tuple[StateDict, dict[str, Any]]:
+        """A periodic event after round `server_round`: 1a, 1b and 3, no fine-tuning (training goes on with
+        the mask held). Returns the new global state and the figures for the round's row."""
+        log(INFO, "[pruning] periodic pruning after round %d (every %d rounds)", server_round, self.every)
+        target = find_pruning_target(state)
+        state, pruned = self.prune(grid, state, target)
+        state, adjusted = self.adjust(state, target)
+        return state, {"pruning_event": "periodic", **pruned, **adjusted}
+
     def post_train(self, grid: Grid, global_state: StateDict, server_round: int) -> StateDict:
         self.post_train_phases = []
         self._phase("train", global_state, server_round, server_round, 0.0)
         target = find_pruning_target(global_state)
 
         t0 = time.perf_counter()
-        order = self.rank_channels(grid, global_state, target)
-        index, curve = self.choose_pruning_rate(grid, global_state, order)
-        rate = self.rates[index]
-        self.keep = keep_mask(order, target.channels, rate)
-        state = apply_mask(global_state, target, self.keep)
-        n_pruned = int((~self.keep).sum())
-        log(INFO, "[pruning] layer %s: rate %.2f removes %d of %d channels (client accuracy %.4f -> %.4f)",
-            target.layer, rate, n_pruned, target.channels, float(curve[0]), float(curve[index]))
-        self._phase("prune", state, server_round, 2, time.perf_counter() - t0, layer=target.layer, rate=rate,
-                    n_pruned=n_pruned, client_acc_unpruned=float(curve[0]), client_acc_pruned=float(curve[index]),
-                    client_acc_curve=[float(a) for a in curve], sequence=[int(c) for c in order])
+        state, pruned = self.prune(grid, global_state, target)
+        self._phase("prune", state, server_round, 2, time.perf_counter() - t0, **pruned)
 
         t0 = time.perf_counter()
         state = self.finetune(grid, state, target, server_round + 1)
@@ -484,10 +585,7 @@ class FederatedPruningStrategy(PostTrainingDefense):
         self._phase("finetune", state, last_round, self.finetune_rounds, time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        state, n_adjusted = adjust_extreme_weights(state, target, self.delta, self.adjust_stats == "filter", self.keep)
-        weights = state[f"{target.layer}.weight"].numel()
-        log(INFO, "[pruning] extreme weights (δ = %g): %d of %d set to 0", self.delta, n_adjusted, weights)
-        self._phase("adjust", state, last_round, 0, time.perf_counter() - t0, n_adjusted=n_adjusted,
-                    share_adjusted=n_adjusted / weights)
+        state, adjusted = self.adjust(state, target)
+        self._phase("adjust", state, last_round, 0, time.perf_counter() - t0, **adjusted)
         self.keep = None
         return state

@@ -366,6 +366,142 @@ def test_bad_options_fail_with_the_key():
         FederatedPruningStrategy(adjust_stats="channel")
 
 
+# ---- schedule=periodic: pruning events during training, the mask held between them ---------------------
+def run_rounds(strategy, grid, state, rounds, before_round=None):
+    """The ServerApp's round loop (configure_train -> send_and_receive -> aggregate_train) on a fake grid;
+    returns the global state after every round and the round reports."""
+    arrays, states, reports = ArrayRecord(state), {}, {}
+    for server_round in range(1, rounds + 1):
+        if before_round is not None:
+            before_round(server_round)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        new_arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        arrays = new_arrays if new_arrays is not None else arrays
+        states[server_round], reports[server_round] = arrays.to_torch_state_dict(), strategy.last_report
+    return states, reports
+
+
+def test_periodic_prunes_after_rounds_2_and_4_and_holds_the_mask(flower_task_identity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # mean activations order the channels 1, 3, 0, 2 (most dormant first)
+    acts = {1: torch.tensor([0.5, 0.0, 2.0, 0.1]), 2: torch.tensor([0.6, 0.0, 1.0, 0.2])}
+    grid = FakeGrid(acts, {1: [0.9, 0.9, 0.7], 2: [0.8, 0.79, 0.5]})  # rates 0, 0.25, 0.5: 0.25 within τ
+    strategy = FederatedPruningStrategy(rates=[0.0, 0.25, 0.5], tolerance=0.02, finetune_rounds=1,
+                                        schedule="periodic", every=2, num_rounds=5, min_available_nodes=2)
+    sent_by_round: dict[int, int] = {}
+
+    def before_round(server_round):
+        sent_by_round[server_round] = len(grid.sent)
+        if server_round == 3:
+            # the second event: channel 1 now reports the highest activation (a stale or lying statistic)
+            # and 0.5 is within τ; the held channel 1 must still come first and stay removed
+            grid.acts = {1: torch.tensor([0.5, 9.0, 2.0, 0.1]), 2: torch.tensor([0.6, 9.0, 1.0, 0.2])}
+            grid.accs = {1: [0.9, 0.9, 0.89], 2: [0.8, 0.8, 0.8]}
+
+    states, reports = run_rounds(strategy, grid, state, 5, before_round)
+
+    # queries go out after the aggregation of rounds 2 and 4 only (round 5 is left to post_train)
+    kinds = [m.metadata.message_type for m in grid.sent]
+    queries = [f"query.{ACTIVATIONS_ACTION}"] * 2 + [f"query.{ACCURACY_ACTION}"] * 2
+    assert kinds == ["train"] * 4 + queries + ["train"] * 4 + queries + ["train"] * 2
+    events = {r: rep.info for r, rep in reports.items() if "pruning_event" in rep.info}
+    assert sorted(events) == [2, 4]
+    assert events[2]["rate"] == 0.25 and events[2]["n_pruned"] == 1 and events[2]["sequence"][0] == 1
+    assert events[4]["rate"] == 0.5 and events[4]["n_pruned"] == 2 and events[4]["n_newly_pruned"] == 1
+    assert events[4]["sequence"][:2] == [1, 3]  # the held channel first, then the most dormant
+    assert all(e["n_adjusted"] >= 0 and e["t_prune"] >= 0 and e["layer"] == "0" for e in events.values())
+
+    # the mask is in the train messages of the rounds after an event, and in none before the first
+    def masks_of(server_round):
+        start = sent_by_round[server_round]
+        train = [m for m in grid.sent[start:] if m.metadata.message_type == "train"][:2]
+        assert all(m.content["config"]["server-round"] == server_round for m in train)
+        return [m.content[MASK_KEY].to_torch_state_dict()["keep"].tolist() if MASK_KEY in m.content else None
+                for m in train]
+
+    assert masks_of(1) == masks_of(2) == [None, None]
+    assert masks_of(3) == masks_of(4) == [[1.0, 0.0, 1.0, 1.0]] * 2
+    assert masks_of(5) == [[1.0, 0.0, 1.0, 0.0]] * 2
+
+    # the clients add 0.1 to every weight, removed channels included: the server zeroes them again
+    for server_round, removed, kept in ((2, [1], [0, 2, 3]), (3, [1], [0, 2, 3]), (4, [1, 3], [0, 2]),
+                                        (5, [1, 3], [0, 2])):
+        s = states[server_round]
+        assert torch.count_nonzero(s["0.weight"][removed]) == 0 and torch.count_nonzero(s["0.bias"][removed]) == 0
+        assert torch.count_nonzero(s["0.weight"][kept]) > 0
+    assert torch.count_nonzero(states[1]["0.weight"][[1, 3]]) > 0  # nothing removed before the first event
+    assert reports[3].info["n_pruned_held"] == 1 and reports[5].info["n_pruned_held"] == 2
+    # a linear layer after it is not touched: the plain FedAvg mean of (global + 0.1)
+    torch.testing.assert_close(states[5]["3.weight"], state["3.weight"] + 0.5)
+
+    # the final cleansing keeps what the events removed, even at a chosen rate of 0
+    grid.accs = {1: [0.9, 0.5, 0.5], 2: [0.8, 0.5, 0.5]}
+    strategy.post_train(grid, states[5], 5)
+    prune = strategy.post_train_phases[1]
+    assert prune["defense"]["rate"] == 0.0 and prune["defense"]["n_pruned"] == 2
+    assert prune["defense"]["n_newly_pruned"] == 0
+    for p in strategy.post_train_phases[1:]:
+        assert torch.count_nonzero(p["state"]["0.weight"][[1, 3]]) == 0
+    assert [m.metadata.message_type for m in grid.sent[-2:]] == ["train"] * 2  # the fine-tuning round 6
+    assert grid.sent[-1].content[MASK_KEY].to_torch_state_dict()["keep"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert strategy.client_records(7, 1) == {}
+
+
+def test_final_schedule_never_queries_during_training(flower_task_identity):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    grid = FakeGrid({1: torch.rand(4), 2: torch.rand(4)}, {1: [0.9, 0.9, 0.7], 2: [0.8, 0.79, 0.5]})
+    strategy = FederatedPruningStrategy(rates=[0.0, 0.25, 0.5], every=2, num_rounds=5, min_available_nodes=2)
+    _, reports = run_rounds(strategy, grid, model.state_dict(), 5)
+    assert {m.metadata.message_type for m in grid.sent} == {"train"}
+    assert all(not rep.info for rep in reports.values())
+
+
+def test_periodic_leaves_the_last_round_to_the_final_cleansing(flower_task_identity):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2))
+    grid = FakeGrid({1: torch.rand(4), 2: torch.rand(4)}, {1: [0.9, 0.9, 0.7], 2: [0.8, 0.79, 0.5]})
+    strategy = FederatedPruningStrategy(rates=[0.0, 0.25, 0.5], schedule="periodic", every=2, num_rounds=4,
+                                        min_available_nodes=2)
+    _, reports = run_rounds(strategy, grid, model.state_dict(), 4)  # round 4 is the last and a multiple of 2
+    assert [r for r, rep in reports.items() if "pruning_event" in rep.info] == [2]
+    assert [m.metadata.message_type for m in grid.sent][-4:] == ["train"] * 4  # rounds 3 and 4: no queries
+
+
+def test_held_mask_survives_a_checkpoint(flower_task_identity):
+    strategy = FederatedPruningStrategy(schedule="periodic", every=2, num_rounds=5)
+    assert strategy.state_dict() == {"keep": None}
+    strategy.keep = torch.tensor([True, False, True])
+    resumed = FederatedPruningStrategy(schedule="periodic", every=2, num_rounds=5)
+    resumed.load_state_dict(strategy.state_dict())
+    assert resumed.client_records(3, 1)[MASK_KEY].to_torch_state_dict()["keep"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_bad_schedule_options_fail_with_the_key():
+    with pytest.raises(ValueError, match="strategy.schedule='sometimes' is invalid; allowed: final, periodic"):
+        FederatedPruningStrategy(schedule="sometimes")
+    for every in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"strategy.every={every!r} is invalid; allowed: an integer >= 1"):
+            FederatedPruningStrategy(schedule="periodic", every=every, num_rounds=10)
+    with pytest.raises(ValueError, match="strategy.every=5 is invalid with num_rounds=5"):
+        FederatedPruningStrategy(schedule="periodic", every=5, num_rounds=5)
+    with pytest.raises(ValueError, match="strategy.num_rounds=None"):
+        FederatedPruningStrategy(schedule="periodic", every=2)
+    FederatedPruningStrategy(schedule="final", every=0)  # `every` means nothing without schedule=periodic
+
+
+def test_bad_every_is_one_config_error_before_the_run():
+    from server.app import check_run
+    from task.config import ConfigError, compose_config
+
+    with pytest.raises(ConfigError) as info:
+        check_run(compose_config(["strategy=pruning", "strategy.schedule=periodic", "strategy.every=0"]))
+    assert str(info.value).startswith("strategy=pruning: strategy.every=0 is invalid") and "\n" not in str(info.value)
+    strategy = check_run(compose_config(["strategy=pruning", "strategy.schedule=periodic", "strategy.every=3",
+                                         "num_rounds=7"]))
+    assert (strategy.schedule, strategy.every, strategy.num_rounds) == ("periodic", 3, 7)  # num_rounds follows the run
+
+
 # ---- the four phases through a real `flwr run` ------------------------------------------------------
 @pytest.mark.slow
 def test_flwr_run_writes_one_row_per_phase(tmp_path):
@@ -392,3 +528,34 @@ def test_flwr_run_writes_one_row_per_phase(tmp_path):
     assert summary["finished"] and summary["final_ma"] == phases[-1]["ma"]
     assert superlinks_of(home) == []
     assert np.isfinite(summary["wall_seconds"])
+
+
+@pytest.mark.slow
+def test_flwr_run_periodic_prunes_during_training(tmp_path):
+    from test_integration import read_rows, run, superlinks_of
+
+    home, out = tmp_path / "flwr-home", tmp_path / "run"
+    proc = run([sys.executable, "-m", "server.launch", "--out-dir", str(out), "experiment=smoke", "num_rounds=3",
+                "strategy=pruning", "model=cnn_3conv_2fc", "strategy.schedule=periodic", "strategy.every=1",
+                "strategy.finetune_rounds=1", "strategy.rates=[0.0,0.25,0.5]"], home)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_rows(out)
+    assert [r["round"] for r in rows[:4]] == [0, 1, 2, 3] and all("phase" not in r for r in rows[:4])
+    assert [r.get("phase") for r in rows[4:]] == ["train", "prune", "finetune", "adjust"]
+    # events after rounds 1 and 2 (round 3, the last, is left to the final cleansing)
+    first, second = rows[1]["defense"], rows[2]["defense"]
+    assert first["pruning_event"] == second["pruning_event"] == "periodic" and "pruning_event" not in rows[3]["defense"]
+    assert first["layer"] == "conv3" and first["rate"] in (0.0, 0.25, 0.5)
+    assert first["n_pruned"] == int(first["rate"] * 64) and sorted(first["sequence"]) == list(range(64))
+    # the mask only grows, and is held in round 3 and in the final cleansing
+    assert first["n_pruned"] <= second["n_pruned"] == rows[3]["defense"]["n_pruned_held"]
+    held = first["n_pruned"]  # the channels the first event removed lead the second event's sequence
+    assert sorted(second["sequence"][:held]) == sorted(first["sequence"][:held])
+    assert rows[5]["defense"]["n_pruned"] >= second["n_pruned"]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)  # the global model after round 3
+    keep = checkpoint["strategy_state"]["keep"]
+    assert int((~keep).sum()) == second["n_pruned"]
+    assert torch.count_nonzero(checkpoint["global_state"]["conv3.weight"][~keep]) == 0
+    for r in rows[1:]:
+        assert 0.0 <= r["ma"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+    assert superlinks_of(home) == []
