@@ -12,7 +12,9 @@ everywhere:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 StateDict = dict[str, torch.Tensor]
@@ -103,18 +105,59 @@ def row_block(matrix: torch.Tensor, rows: torch.Tensor | None, start: int, end: 
 
 
 def columnwise(matrix: torch.Tensor, rule, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-               block: int = COLUMN_BLOCK) -> torch.Tensor:
+               block: int = COLUMN_BLOCK, threads: int = 1) -> torch.Tensor:
     """(d,) float32: `rule((k, c) block) -> (c,)` applied to column blocks of matrix[rows] - offset.
 
     A per-coordinate rule (median, trimmed mean, weighted mean) gives the same result on every block as
     on the whole matrix; blocks keep the working copies (row selection, subtraction, sorting buffers) at
-    100 MB instead of one more copy of a 4.4 GB matrix."""
+    100 MB instead of one more copy of a 4.4 GB matrix. `threads` > 1 runs blocks concurrently: for rules
+    built on NumPy selection (which releases the GIL but runs on one core), not for torch rules that
+    already use every core."""
     width = matrix.shape[1]
     out = torch.empty(width, dtype=torch.float32, device=matrix.device)
-    for start in range(0, width, block):
+
+    def one_block(start: int) -> None:
         end = min(start + block, width)
         values = row_block(matrix, rows, start, end)
         if offset is not None:
             values = values - offset[start:end]
         out[start:end] = rule(values)
+
+    starts = range(0, width, block)
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(one_block, starts))  # list(): re-raise a block's exception here
+    else:
+        for start in starts:
+            one_block(start)
     return out
+
+
+def lanes(vectors: torch.Tensor) -> np.ndarray:
+    """(n, c) tensor -> (c, n) C-contiguous NumPy array: one contiguous lane of n values per coordinate.
+    Selecting along a contiguous lane is several times faster than along the strided first axis."""
+    return np.ascontiguousarray(vectors.detach().cpu().numpy().T)
+
+
+def lane_median(values: np.ndarray) -> np.ndarray:
+    """(c, n) -> (c,): the median of each lane; for even n the mean of the two middle values.
+
+    One selection (np.partition at n // 2) gives the upper middle value and leaves the n // 2 smaller
+    values before it, whose max is the lower middle value: about 3x faster than np.median, which
+    partitions at both middle positions."""
+    n = values.shape[1]
+    middle = n // 2
+    part = np.partition(values, middle, axis=1)
+    upper = part[:, middle]
+    if n % 2:
+        return upper.copy()
+    return (part[:, :middle].max(axis=1) + upper) / 2
+
+
+def lane_trimmed_mean(values: np.ndarray, k: int) -> np.ndarray:
+    """(c, n) -> (c,): the mean of each lane without its k smallest and k largest values (k >= 1).
+    Two single-position selections: the k smallest out first, then the k largest of the rest."""
+    n = values.shape[1]
+    rest = np.partition(values, k, axis=1)[:, k:]                    # drops the k smallest
+    middle = np.partition(rest, n - 2 * k, axis=1)[:, :n - 2 * k]    # drops the k largest of the rest
+    return middle.mean(axis=1)

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 from logging import WARNING
 
+import numpy as np
 import torch
 from flwr.common import log
 
-from strategies.aggregation import StateDict
+from strategies.aggregation import StateDict, lane_median, lanes
 from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, update_vectors
 from strategies.krum import (
     DEFAULT_NUM_MALICIOUS,
@@ -66,17 +67,18 @@ def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
 
 
 def closest_to_median_mean(vectors: torch.Tensor, beta: int) -> torch.Tensor:
-    """(θ, d) -> (d,): per coordinate, the mean of the `beta` values closest to the coordinate's median.
-
-    Computed as (sum of all θ values - sum of the θ - β farthest) / β: a top-k of the few farthest
-    (2f of them) instead of the many closest; the same set of values up to ties in distance."""
+    """(θ, d) -> (d,): per coordinate, the mean of the `beta` values closest to the coordinate's median."""
     theta = vectors.shape[0]
     if beta >= theta:
         return vectors.mean(dim=0)
-    median = coordinate_median(vectors)
-    farthest = torch.topk((vectors - median).abs(), theta - beta, dim=0, largest=True).indices
-    dropped = torch.gather(vectors, 0, farthest).sum(dim=0)
-    return (vectors.sum(dim=0) - dropped) / beta
+    if vectors.is_cuda:
+        median = coordinate_median(vectors)
+        closest = torch.topk((vectors - median).abs(), beta, dim=0, largest=False).indices
+        return torch.gather(vectors, 0, closest).mean(dim=0)
+    values = lanes(vectors)  # (d, θ): selections along contiguous lanes (aggregation.lanes)
+    distance = np.abs(values - lane_median(values)[:, None])
+    closest = np.argpartition(distance, beta - 1, axis=1)[:, :beta]
+    return torch.from_numpy(np.take_along_axis(values, closest, axis=1).mean(axis=1))
 
 
 def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from strategies.aggregation import StateDict, apply_update, columnwise, weighted_average_states
+from strategies.aggregation import StateDict, apply_update, columnwise, lane_median, lanes, weighted_average_states
 from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
 
 
@@ -36,11 +36,10 @@ def coordinate_median(vectors: torch.Tensor) -> torch.Tensor:
     n = vectors.shape[0]
     if n == 0:
         raise ValueError("the median of no vectors is undefined")
-    lower = torch.kthvalue(vectors, (n + 1) // 2, dim=0).values
-    if n % 2:
-        return lower
-    upper = torch.kthvalue(vectors, n // 2 + 1, dim=0).values
-    return (lower + upper) / 2
+    if vectors.is_cuda:  # selection on the GPU itself
+        lower = torch.kthvalue(vectors, (n + 1) // 2, dim=0).values
+        return lower if n % 2 else (lower + torch.kthvalue(vectors, n // 2 + 1, dim=0).values) / 2
+    return torch.from_numpy(lane_median(lanes(vectors)))
 
 
 # ---- helpers shared with trimmed_mean.py and bulyan.py --------------------------------------------
@@ -61,7 +60,7 @@ def coordinatewise_rule(rule, global_state: StateDict, updates: Sequence[ClientU
     if rows_of is not None:
         picked = torch.as_tensor(list(rows_of), dtype=torch.long)
         rows = picked if rows is None else rows[picked]
-    return columnwise(matrix, rule, rows=rows, offset=reference)
+    return columnwise(matrix, rule, rows=rows, offset=reference, threads=torch.get_num_threads())
 
 
 def robust_state(global_state: StateDict, keys: Sequence[str], update: torch.Tensor,

@@ -22,7 +22,7 @@ from logging import WARNING
 import torch
 from flwr.common import log
 
-from strategies.aggregation import StateDict
+from strategies.aggregation import StateDict, lane_trimmed_mean, lanes
 from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation
 from strategies.median import coordinatewise_rule, reference_state, robust_state, uniform_weights
 
@@ -48,7 +48,9 @@ def trimmed_mean(vectors: torch.Tensor, beta: float) -> torch.Tensor:
     k = trimmed_count(n, beta)
     if k == 0:
         return vectors.mean(dim=0)
-    return torch.sort(vectors, dim=0).values[k:n - k].mean(dim=0)
+    if vectors.is_cuda:
+        return torch.sort(vectors, dim=0).values[k:n - k].mean(dim=0)
+    return torch.from_numpy(lane_trimmed_mean(lanes(vectors), k))
 
 
 # ---- the strategy --------------------------------------------------------------------------------
