@@ -46,10 +46,10 @@ class OmniscientRewriter:
         return attack_fn(benign, **{k: v for k, v in counts.items() if k in accepted})
 
     def __call__(self, sent: list[Message], replies: list[Message]) -> list[Message]:
-        self.rewritten_last_round = 0
         train_sent = [m for m in sent if m.metadata.message_type.startswith("train")]
-        if not train_sent:
+        if not train_sent:  # a defense's query round: the count of the round's train replies stands
             return replies
+        self.rewritten_last_round = 0
         global_state = train_sent[0].content["arrays"].to_torch_state_dict()
         ok = [r for r in replies if not r.has_error() and "arrays" in r.content]
         attacking = [r for r in ok if TRUTH_KEY in r.content and bool(r.content[TRUTH_KEY].get("is-malicious"))]

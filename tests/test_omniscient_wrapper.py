@@ -36,6 +36,11 @@ def test_attacking_replies_become_global_plus_crafted_update(flower_task_identit
     assert attacked["bn.num_batches_tracked"].item() == 4                   # its own integer buffer
     assert torch.equal(out[0].content["arrays"].to_torch_state_dict()["w"], local[1]["w"])
     assert rewriter.rewritten_last_round == 1
+    # a defense's query round (e.g. periodic pruning) after the train round keeps the round's count
+    query = train_message(1, g)
+    query.metadata.__dict__["_message_type"] = "query.pruning_activations"
+    rewriter([query], [reply_to(query, local[1], 10)])
+    assert rewriter.rewritten_last_round == 1
 
 
 def test_rewrite_happens_before_the_truth_is_stripped(flower_task_identity):
