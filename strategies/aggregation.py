@@ -26,8 +26,19 @@ def float_keys(state: StateDict) -> list[str]:
 
 def flatten_states(states: Sequence[StateDict], keys: Sequence[str],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Stack the `keys` of every state into a matrix of shape (clients, parameters)."""
-    return torch.stack([torch.cat([s[k].reshape(-1).to(dtype) for k in keys]) for s in states])
+    """Stack the `keys` of every state into a matrix of shape (clients, parameters).
+
+    Filled in place (one allocation): concatenating rows and then stacking them held the matrix twice."""
+    if not states:
+        return torch.empty((0, 0), dtype=dtype)
+    sizes = [states[0][k].numel() for k in keys]
+    out = torch.empty((len(states), sum(sizes)), dtype=dtype, device=states[0][keys[0]].device if keys else "cpu")
+    for i, s in enumerate(states):
+        offset = 0
+        for k, size in zip(keys, sizes, strict=True):
+            out[i, offset:offset + size] = s[k].reshape(-1)
+            offset += size
+    return out
 
 
 def unflatten_vector(vector: torch.Tensor, template: StateDict, keys: Sequence[str]) -> StateDict:
@@ -83,7 +94,9 @@ def default_trainable_keys(state: StateDict) -> list[str]:
 
 def update_matrix(states: Sequence[StateDict], global_state: StateDict, keys: Sequence[str]) -> torch.Tensor:
     """(clients, parameters) matrix of updates (local - global) over `keys` (trainable parameters)."""
-    return flatten_states(states, keys) - flatten_states([global_state], keys)[0]
+    matrix = flatten_states(states, keys)
+    matrix -= flatten_states([global_state], keys)[0]  # in place: no second (clients, parameters) matrix
+    return matrix
 
 
 def apply_update(global_state: StateDict, update: torch.Tensor, keys: Sequence[str],

@@ -44,8 +44,8 @@ import zlib
 import numpy as np
 import torch
 
-from strategies.aggregation import StateDict, apply_update, flatten_states, weighted_average_states
-from strategies.base import AggregationOutcome, AnomalyDetection, ClientUpdate, example_weights
+from strategies.aggregation import COLUMN_BLOCK, StateDict, apply_update, flatten_states, weighted_average_states
+from strategies.base import AggregationOutcome, AnomalyDetection, ClientUpdate, example_weights, update_vectors
 
 # ---- defaults (the config keys, conf/strategy/flame.yaml) -----------------------------------------
 NOISE_LAMBDA = 0.001   # λ: noise level sigma = λ · S_t (0.001 for image classification in the paper)
@@ -58,10 +58,15 @@ _EPS = 1e-12
 
 # ---- the math (pure, vectorised over the (n, d) matrices) ----------------------------------------
 def pairwise_cosine_distances(vectors: torch.Tensor) -> torch.Tensor:
-    """(n, n) matrix 1 - cos(v_i, v_j), in float64; a zero vector has cosine 0 to everything."""
-    v = vectors.to(torch.float64)
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    dist = (1.0 - unit @ unit.T).clamp(0.0, 2.0)
+    """(n, n) matrix 1 - cos(v_i, v_j), in float64; a zero vector has cosine 0 to everything.
+    From one float64 Gram matrix accumulated over column blocks: no float64 copy of the vectors."""
+    n = vectors.shape[0]
+    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
+    for start in range(0, vectors.shape[1], COLUMN_BLOCK):
+        block = vectors[:, start:start + COLUMN_BLOCK].to(torch.float64)
+        gram += block @ block.T
+    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(_EPS)
+    dist = (1.0 - gram / (norms[:, None] * norms[None, :])).clamp(0.0, 2.0)
     return dist.fill_diagonal_(0.0)
 
 
@@ -165,7 +170,8 @@ class FlameStrategy(AnomalyDetection):
             raise ValueError(f"strategy.noise_lambda={self.noise_lambda} is invalid; allowed: a number >= 0")
 
     def admitted_mask(self, updates: list[ClientUpdate], keys: list[str]) -> torch.Tensor:
-        models = flatten_states([u.state for u in updates], keys)
+        models, rows, _ = update_vectors(updates, keys, reference=updates[0].state)  # read-only view
+        models = models if rows is None else models[rows]
         return majority_cluster(pairwise_cosine_distances(models), len(updates) // 2 + 1)
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
