@@ -137,6 +137,22 @@ def content_key(update: ClientUpdate) -> tuple[int, int]:
     return update.num_examples, crc
 
 
+def reply_order_key(msg: Message, global_state: StateDict) -> tuple[float, int]:
+    """`content_key` of the update a reply will become, read from its serialised arrays without decoding
+    the model: replies taken in this order fill the round's ReplyStack rows already sorted, so no row
+    has to move. Replies that cannot be read sort last (validation rejects them afterwards)."""
+    try:
+        num_examples = int(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])
+        record = msg.content.array_records[ARRAYS_KEY]
+        keys = [k for k, v in global_state.items() if torch.is_floating_point(v)] or list(global_state)
+        crc = 0
+        for k in (keys[0], keys[-1]):
+            crc = zlib.crc32(np.ascontiguousarray(array_view(record[k].data)).data, crc)
+        return num_examples, crc
+    except Exception:
+        return math.inf, 0
+
+
 def record_bytes(record: Any) -> int:
     if isinstance(record, ArrayRecord):
         return sum(len(array.data) for array in record.values())
@@ -206,20 +222,25 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
         raise ValueError("a reply stack needs the global model and a free row")
     row = stack.row_views(stack.used) if stack is not None else None
     state = decode_arrays(content.array_records[ARRAYS_KEY], global_state, row)
-    for k, v in state.items():
-        if torch.is_floating_point(v) and not torch.isfinite(v).all():
-            raise InvalidReply(f"{k!r} holds NaN or Inf", "non-finite")
-    floating = [v for v in state.values() if torch.is_floating_point(v)]
-    if global_state is not None and limits.max_update_norm is not None and floating:
+    norm, finite_checked = None, set()
+    if global_state is not None and limits.max_update_norm is not None:
         # over the trainable parameters: BatchNorm running statistics may legitimately be large
         keys = norm_keys if norm_keys is not None else default_trainable_keys(global_state)
         width = stack.vectors_for(keys) if stack is not None else None
-        if width is not None:  # one pass over the row prefix, float64 accumulation, no float64 copy
+        if width is not None:
+            # one pass over the row prefix, float64 accumulation, no float64 copy; a NaN/Inf among these
+            # entries makes the sum non-finite, so they need no separate isfinite pass
             diff = stack.matrix[stack.used, :width] - stack.reference[:width]
             squared = float(sum(torch.dot(c, c).double() for c in diff.split(1 << 20)))
+            if math.isfinite(squared):
+                finite_checked = set(keys)
         else:
             squared = sum(float((state[k].double() - global_state[k].double()).pow(2).sum()) for k in keys)
-        norm = math.sqrt(squared)
+        norm = math.sqrt(squared) if squared >= 0 else math.nan
+    for k, v in state.items():
+        if k not in finite_checked and torch.is_floating_point(v) and not torch.isfinite(v).all():
+            raise InvalidReply(f"{k!r} holds NaN or Inf", "non-finite")
+    if norm is not None and any(torch.is_floating_point(v) for v in state.values()):
         if not math.isfinite(norm) or norm > limits.max_update_norm:
             raise InvalidReply(f"update norm {norm:.4g} exceeds server.max_update_norm={limits.max_update_norm:g}",
                                "norm")
@@ -355,6 +376,8 @@ class ThornStrategy(FedAvg):
         # every accepted model goes into one row of a matrix allocated once for the round (stack.py)
         stack = (ReplyStack(self.global_state, norm_keys, capacity=len(replies))
                  if self.global_state is not None and replies else None)
+        if stack is not None:
+            replies.sort(key=lambda msg: reply_order_key(msg, self.global_state))
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -379,8 +402,9 @@ class ThornStrategy(FedAvg):
                 log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, exc)
 
         updates.sort(key=content_key)
-        if stack is not None and updates:
-            # rows follow the sorted order, so the first k updates are the first k rows (a view)
+        if stack is not None and updates and [u.row for u in updates] != list(range(len(updates))):
+            # rows must follow the sorted order, so the first k updates are the first k rows (a view);
+            # replies were decoded in that order already unless a sort key was unreadable up front
             stack.reorder([u.row for u in updates])
             for i, update in enumerate(updates):
                 update.row = i

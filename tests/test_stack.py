@@ -184,3 +184,31 @@ def test_an_array_record_with_a_foreign_serialisation_is_rejected_not_fatal(flow
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and list(strategy.last_report.invalid) == [100]
     assert "cannot be read" in strategy.last_report.invalid[100]
+
+
+def test_replies_are_decoded_in_sorted_order_and_rows_move_when_they_were_not(flower_task_identity, monkeypatch):
+    model, global_state, replies = round_of_replies(7, seed=5, bad={3: "nan"})
+    for msg in replies:  # the key read from the serialised arrays is the decoded update's content_key
+        from strategies.base import reply_order_key, update_from_message
+        if msg.metadata.src_node_id != 103:
+            assert reply_order_key(msg, global_state) == content_key(update_from_message(msg, global_state))
+
+    original = ReplyStack.reorder
+
+    def run(order_key):
+        monkeypatch.setattr("strategies.base.reply_order_key", order_key)
+        strategy = build_strategy(compose_config(["strategy=trimmed_mean", "num_clients=7"]))
+        strategy.trainable_keys = trainable_state_keys(model)
+        strategy.global_state = global_state
+        moved = []
+        monkeypatch.setattr(ReplyStack, "reorder", lambda self, order: (moved.append(list(order)),
+                                                                        original(self, order)))
+        arrays, _ = strategy.aggregate_train(2, list(reversed(replies)))
+        return arrays.to_torch_state_dict(), moved
+
+    from strategies.base import reply_order_key as real_key
+    sorted_first, moved_sorted = run(real_key)
+    unsorted_first, moved_unsorted = run(lambda msg, g: (0, 0))  # arrival order: rows must be permuted
+    assert moved_sorted == [] and len(moved_unsorted) == 1 and moved_unsorted[0] != list(range(6))
+    for k in sorted_first:
+        torch.testing.assert_close(sorted_first[k], unsorted_first[k], rtol=0, atol=0)
