@@ -174,3 +174,35 @@ def lane_trimmed_mean(values: np.ndarray, k: int) -> np.ndarray:
     rest = np.partition(values, k, axis=1)[:, k:]                    # drops the k smallest
     middle = np.partition(rest, n - 2 * k, axis=1)[:, :n - 2 * k]    # drops the k largest of the rest
     return middle.mean(axis=1)
+
+
+def row_statistics(matrix: torch.Tensor, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                   against: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared L2 norms of the rows of matrix[rows] - offset and, with `against` (a (d,) vector), their
+    dot products with it; float64, accumulated over column blocks (no float64 copy of the matrix)."""
+    n = matrix.shape[0] if rows is None else len(rows)
+    squares = torch.zeros(n, dtype=torch.float64, device=matrix.device)
+    dots = torch.zeros(n, dtype=torch.float64, device=matrix.device) if against is not None else None
+    for start in range(0, matrix.shape[1], COLUMN_BLOCK):
+        end = start + COLUMN_BLOCK
+        block = row_block(matrix, rows, start, end).to(torch.float64)
+        if offset is not None:
+            block -= offset[start:end].to(torch.float64)
+        squares += (block * block).sum(dim=1)
+        if dots is not None:
+            dots += block @ against[start:end].to(torch.float64)
+    return squares, dots
+
+
+def weighted_row_sum(matrix: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(d,) float64: Σ_i weights[i] (matrix[rows][i] - offset), over column blocks."""
+    w = weights.to(torch.float64)
+    out = torch.empty(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    for start in range(0, matrix.shape[1], COLUMN_BLOCK):
+        end = start + COLUMN_BLOCK
+        block = row_block(matrix, rows, start, end).to(torch.float64)
+        if offset is not None:
+            block -= offset[start:end].to(torch.float64)
+        out[start:end] = w @ block
+    return out

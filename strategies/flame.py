@@ -44,7 +44,14 @@ import zlib
 import numpy as np
 import torch
 
-from strategies.aggregation import COLUMN_BLOCK, StateDict, apply_update, flatten_states, weighted_average_states
+from strategies.aggregation import (
+    COLUMN_BLOCK,
+    StateDict,
+    apply_update,
+    row_statistics,
+    weighted_average_states,
+    weighted_row_sum,
+)
 from strategies.base import AggregationOutcome, AnomalyDetection, ClientUpdate, example_weights, update_vectors
 
 # ---- defaults (the config keys, conf/strategy/flame.yaml) -----------------------------------------
@@ -137,15 +144,20 @@ def clip_factors(norms: torch.Tensor, bound: torch.Tensor | float) -> torch.Tens
 
 
 def flame_update(updates: torch.Tensor, admitted: torch.Tensor, noise_lambda: float,
-                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """mean_{admitted}(γ_i u_i) + N(0, (λ S_t)² I) over the (n, d) update matrix, and the scalars."""
-    u = updates.to(torch.float64)
-    norms = u.norm(dim=1)
-    bound = median_norm(u)
+                 generator: torch.Generator, rows: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """mean_{admitted}(γ_i u_i) + N(0, (λ S_t)² I) over the (n, d) update matrix, and the scalars.
+    The updates are updates[rows] - offset when given (e.g. models and the global model): norms and the
+    clipped mean are accumulated over column blocks in float64, without a float64 copy of the matrix."""
+    squares, _ = row_statistics(updates, rows, offset)
+    norms = squares.sqrt()
+    bound = torch.quantile(norms, 0.5)  # S_t: the median norm (median_norm)
     gamma = clip_factors(norms[admitted], bound)
-    mean = (u[admitted] * gamma[:, None]).mean(0)
+    weights = torch.zeros(len(norms), dtype=torch.float64)
+    weights[admitted] = gamma / int(admitted.sum())
+    mean = weighted_row_sum(updates, weights, rows, offset)
     sigma = float(noise_lambda) * float(bound)
-    noise = torch.randn(u.shape[1], generator=generator, dtype=torch.float64) * sigma
+    noise = torch.randn(updates.shape[1], generator=generator, dtype=torch.float64) * sigma
     info = {"clip_bound": float(bound), "noise_sigma": sigma, "n_admitted": float(int(admitted.sum())),
             "n_clipped": float(int((gamma < 1.0).sum()))}
     return mean + noise, info
@@ -183,9 +195,9 @@ class FlameStrategy(AnomalyDetection):
         keys = self.keys_for_vectors(global_state)
         rejected = self.detect(server_round, global_state, updates)
         admitted = torch.tensor([u.node_id not in rejected for u in updates], dtype=torch.bool)
-        matrix = flatten_states([u.state for u in updates], keys).to(torch.float64)
-        matrix = matrix - flatten_states([global_state], keys)[0].to(torch.float64)
-        step, info = flame_update(matrix, admitted, self.noise_lambda, round_generator(self.seed, server_round))
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
+        step, info = flame_update(models, admitted, self.noise_lambda, round_generator(self.seed, server_round),
+                                  rows=rows, offset=reference)
         kept = [u for u, ok in zip(updates, admitted, strict=True) if ok]
         buffers = weighted_average_states([u.state for u in kept], example_weights(kept))
         state = apply_update(global_state, step.to(torch.float32), keys, buffers_from=buffers)

@@ -38,8 +38,15 @@ import numpy as np
 import torch
 from flwr.common import log
 
-from strategies.aggregation import StateDict, apply_update, flatten_states, update_matrix, weighted_average_states
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights
+from strategies.aggregation import (
+    StateDict,
+    apply_update,
+    flatten_states,
+    row_statistics,
+    weighted_average_states,
+    weighted_row_sum,
+)
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
 from task.train import seed_everything, train_local
 
 # ---- defaults (the config keys, conf/strategy/fltrust.yaml) ---------------------------------------
@@ -72,14 +79,25 @@ def normalise_magnitudes(updates: torch.Tensor, target_norm: torch.Tensor | floa
     return updates * scale
 
 
-def fltrust_aggregate(updates: torch.Tensor, server_update: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(Σ TS_i ĝ_i / Σ TS_i, TS); the aggregate is None when every trust score is 0."""
-    ts = trust_scores(updates, server_update)
+def fltrust_aggregate(updates: torch.Tensor, server_update: torch.Tensor, rows: torch.Tensor | None = None,
+                      offset: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(Σ TS_i ĝ_i / Σ TS_i, TS); the aggregate is None when every trust score is 0.
+
+    The updates are updates[rows] - offset when given (models and the global model). Σ TS_i ĝ_i / Σ TS_i
+    is a weighted sum of the rows with weights TS_i ‖g0‖ / (‖g_i‖ Σ TS): computed from the rows' norms
+    and dot products with g0 over column blocks, never as a rescaled float64 copy of the matrix."""
+    g0 = server_update.to(torch.float64)
+    squares, dots = row_statistics(updates, rows, offset, against=g0)
+    norms, g0_norm = squares.sqrt(), g0.norm()
+    scale = norms * g0_norm
+    cos = torch.where(scale > _EPS, dots / scale.clamp_min(_EPS), torch.zeros_like(dots))
+    ts = torch.relu(cos)
     total = ts.sum()
+    dtype = updates.dtype  # results in the input's precision, as computing on the matrix itself would give
     if float(total) <= 0.0:
-        return None, ts
-    normalised = normalise_magnitudes(updates, server_update.norm())
-    return (ts / total) @ normalised, ts
+        return None, ts.to(dtype)
+    magnitude = torch.where(norms > _EPS, g0_norm / norms.clamp_min(_EPS), torch.zeros_like(norms))
+    return weighted_row_sum(updates, ts * magnitude / total, rows, offset).to(dtype), ts.to(dtype)
 
 
 # ---- the strategy ---------------------------------------------------------------------------------
@@ -136,11 +154,10 @@ class FLTrustStrategy(RobustAggregation):
         keys = self.keys_for_vectors(global_state)
         server_state = self.server_model(server_round, global_state)
         g0 = (flatten_states([server_state], keys) - flatten_states([global_state], keys))[0].to(torch.float64)
-        matrix = update_matrix([u.state for u in updates], global_state, keys).to(torch.float64)
-        aggregate, ts = fltrust_aggregate(matrix, g0)
-        cos = cosine_to_reference(matrix, g0)
-        rejected = {u.node_id: f"trust score 0: cos(update, server update) = {float(c):.4f} <= 0"
-                    for u, t, c in zip(updates, ts, cos, strict=True) if float(t) <= 0.0}
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
+        aggregate, ts = fltrust_aggregate(models, g0, rows, reference)
+        rejected = {u.node_id: "trust score 0: cos(update, server update) <= 0"
+                    for u, t in zip(updates, ts, strict=True) if float(t) <= 0.0}
         info = {"server_update_norm": float(g0.norm()), "n_trusted": float(len(updates) - len(rejected)),
                 "mean_trust": float(ts.mean()), "all_trust_zero": float(aggregate is None)}
         if aggregate is None:

@@ -295,3 +295,29 @@ def test_configs_compose_and_build(name, cls, keys):
     assert isinstance(strategy, cls)
     assert {k: getattr(strategy, k) for k in keys} == keys
     strategy.check_preconditions(10)
+
+
+def test_blockwise_fltrust_and_flame_equal_their_formulas_on_the_whole_matrix(monkeypatch):
+    """The column-block implementations (rows of models minus an offset) give the formulas' results."""
+    import strategies.aggregation as aggregation
+
+    monkeypatch.setattr(aggregation, "COLUMN_BLOCK", 7)  # many blocks, a ragged last one
+    gen = torch.Generator().manual_seed(0)
+    models, offset = torch.randn(6, 40, generator=gen), torch.randn(40, generator=gen)
+    rows = torch.tensor([5, 0, 3, 2])
+    updates = (models[rows] - offset).to(torch.float64)
+    g0 = updates[1] + 0.1 * torch.randn(40, generator=gen, dtype=torch.float64)
+    ts = trust_scores(updates, g0)
+    expected = (ts / ts.sum()) @ normalise_magnitudes(updates, g0.norm())
+    aggregate, blockwise_ts = fltrust_aggregate(models.to(torch.float64), g0, rows, offset)
+    torch.testing.assert_close(blockwise_ts, ts)
+    torch.testing.assert_close(aggregate, expected)
+
+    admitted = torch.tensor([True, True, False, True])
+    norms = updates.norm(dim=1)
+    bound = torch.quantile(norms, 0.5)
+    gamma = torch.clamp(bound / norms, max=1.0)
+    mean = (updates[admitted] * gamma[admitted][:, None]).mean(0)
+    step, info = flame_update(models, admitted, 0.0, torch.Generator().manual_seed(1), rows=rows, offset=offset)
+    torch.testing.assert_close(step, mean, rtol=1e-6, atol=1e-7)
+    assert info["clip_bound"] == pytest.approx(float(bound))
