@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import statistics
 import sys
 import time
@@ -105,6 +106,10 @@ def time_call(fn, repeats: int, setup=None) -> float:
     return statistics.median(times)
 
 
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 50, 100])
@@ -134,18 +139,25 @@ def main() -> None:
                 try:
                     seconds = time_call(thorn_aggregation(setting, name), repeats)
                 except ValueError as exc:  # a precondition that this n cannot meet
-                    rows.append((name, None, None, None, str(exc)))
+                    rows.append([name, None, None, None, str(exc)])
                     continue
-                flower_ratio = flower_seconds = None
-                if name in FLOWER_EQUIVALENT:
-                    # Flower's FedMedian/FedTrimmedAvg/Bulyan empty the replies they aggregate (to free
-                    # memory), so each of their runs gets freshly built, identical replies (untimed).
-                    cls_name, kwargs = FLOWER_EQUIVALENT[name]
-                    flower = getattr(flower_strategies, cls_name)(**kwargs(args.num_malicious))
-                    flower_seconds = time_call(lambda fresh, flower=flower: flower.aggregate_train(1, fresh),
-                                               repeats, setup=partial(fresh_replies, model, n))
-                    flower_ratio = flower_seconds / seconds
-                rows.append((name, seconds, seconds / fedavg, flower_ratio, flower_seconds))
+                rows.append([name, seconds, seconds / fedavg, None, None])
+                print(f"  {name}: {seconds:.3f} s", flush=True)
+            # Flower's rules run after every thorn rule, on freshly built replies (their FedMedian,
+            # FedTrimmedAvg and Bulyan empty the replies they aggregate), and with thorn's replies freed:
+            # at 100 x 11 M both sets of replies and Flower's working copies would not fit in 24 GiB.
+            del replies, setting
+            gc.collect()
+            for row in rows:
+                name, seconds = row[0], row[1]
+                if seconds is None or name not in FLOWER_EQUIVALENT:
+                    continue
+                cls_name, kwargs = FLOWER_EQUIVALENT[name]
+                flower = getattr(flower_strategies, cls_name)(**kwargs(args.num_malicious))
+                flower_seconds = time_call(lambda fresh, flower=flower: flower.aggregate_train(1, fresh),
+                                           repeats, setup=partial(fresh_replies, model, n))
+                row[3], row[4] = flower_seconds / seconds, flower_seconds
+                print(f"  Flower {cls_name}: {flower_seconds:.3f} s", flush=True)
             print(f"\n{model_name} (d = {d:,} parameters), n = {n} clients, FedAvg {fedavg:.3f} s")
             print(f"{'strategy':<16}{'seconds':>10}{'x FedAvg':>10}{'Flower s':>10}{'Flower/thorn':>14}")
             for name, seconds, ratio, flower_ratio, extra in rows:
@@ -155,8 +167,7 @@ def main() -> None:
                 flower_cols = (f"{extra:>10.3f}{flower_ratio:>13.1f}x" if flower_ratio is not None
                                else f"{'':>10}{'':>14}")
                 print(f"{name:<16}{seconds:>10.3f}{ratio:>10.2f}{flower_cols}", flush=True)
-            del replies, setting
-            gc.collect()
+            print(f"peak resident memory of this process so far: {peak_rss_gib():.1f} GiB", flush=True)
 
 
 if __name__ == "__main__":
