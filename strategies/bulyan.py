@@ -51,11 +51,11 @@ SELECTIONS = ("krum", "multikrum")
 
 # ---- the math ------------------------------------------------------------------------------------
 def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
-                          rows: torch.Tensor | None = None) -> torch.Tensor:
+                          rows: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
     """(n, d) -> `count` indices, in the order recursive Krum picks them: Krum on the remaining set,
     remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix.
     With `rows`, among vectors[rows] (the indices returned are positions in `rows`)."""
-    sq_distances = pairwise_sq_distances(vectors, rows)
+    sq_distances = pairwise_sq_distances(vectors, rows, centre)
     remaining = torch.arange(sq_distances.shape[0], device=sq_distances.device)
     chosen = []
     for _ in range(count):
@@ -88,13 +88,13 @@ def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:
 
 
 def bulyan_select(vectors: torch.Tensor, num_malicious: int, selection: str = DEFAULT_SELECTION,
-                  rows: torch.Tensor | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
     """The θ = n - 2f indices Bulyan's first stage keeps (of vectors[rows] with `rows`)."""
     n = vectors.shape[0] if rows is None else len(rows)
     check_bulyan_preconditions(n, num_malicious, selection)
     theta, _ = bulyan_sizes(n, num_malicious)
     if selection == "krum":
-        return iterative_krum_select(vectors, num_malicious, theta, rows)
+        return iterative_krum_select(vectors, num_malicious, theta, rows, centre)
     return multikrum_select(vectors if rows is None else vectors[rows], num_malicious, theta)
 
 
@@ -143,8 +143,8 @@ class BulyanStrategy(RobustAggregation):
         keys = self.keys_for_vectors(reference)
         # stage 1 on the models (distances do not need the reference), stage 2 on the updates of the
         # selected clients, over column blocks (no copy of the selected rows as a whole)
-        vectors, rows, _ = update_vectors(updates, keys, reference=updates[0].state)
-        selected_idx = bulyan_select(vectors, f, self.selection, rows)
+        vectors, rows, centre = update_vectors(updates, keys, reference)
+        selected_idx = bulyan_select(vectors, f, self.selection, rows, centre)
         theta, beta = bulyan_sizes(n, f)
         aggregate = coordinatewise_rule(lambda block: closest_to_median_mean(block, beta), reference, updates, keys,
                                         rows_of=selected_idx.tolist())

@@ -50,21 +50,25 @@ DEFAULT_WEIGHTED = True       # Multi-Krum: average the m kept models by num-exa
 
 
 # ---- the math ------------------------------------------------------------------------------------
-def pairwise_sq_distances(vectors: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_sq_distances(vectors: torch.Tensor, rows: torch.Tensor | None = None,
+                          centre: torch.Tensor | None = None) -> torch.Tensor:
     """(n, d) -> (n, n) float64 squared Euclidean distances, exactly symmetric with a zero diagonal.
     With `rows`, the distances between vectors[rows].
 
-    One Gram matrix on rows centred by their mean: distances do not change, and centring keeps
+    One Gram matrix of the rows minus a common centre: distances do not change, and centring keeps
     |x|² + |y|² - 2x·y from cancelling catastrophically when the models are far from the origin and
-    close to each other. The Gram matrix is accumulated over column blocks (float32 products, float64
-    sums), so no centred copy of a 100 x 11 M matrix is ever made."""
+    close to each other. The centre is the rows' mean, or `centre` when given (the global model, which
+    every client model is close to, saves the pass over the matrix that the mean costs). The Gram matrix
+    is accumulated over column blocks (float32 products, float64 sums): no centred copy of a
+    100 x 11 M matrix is ever made."""
     n = vectors.shape[0] if rows is None else len(rows)
     gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
     if n == 0:
         return gram
-    mean = columnwise(vectors, lambda block: block.mean(dim=0), rows=rows)
+    if centre is None:
+        centre = columnwise(vectors, lambda block: block.mean(dim=0), rows=rows)
     for start in range(0, vectors.shape[1], COLUMN_BLOCK):
-        block = row_block(vectors, rows, start, start + COLUMN_BLOCK) - mean[start:start + COLUMN_BLOCK]
+        block = row_block(vectors, rows, start, start + COLUMN_BLOCK) - centre[start:start + COLUMN_BLOCK]
         gram += (block @ block.T).to(torch.float64)
     sq_norms = gram.diagonal()
     d2 = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)
@@ -88,9 +92,10 @@ def krum_scores_from_distances(sq_distances: torch.Tensor, num_malicious: int) -
     return torch.topk(off_diagonal, k, dim=1, largest=False).values.sum(dim=1)
 
 
-def krum_scores(vectors: torch.Tensor, num_malicious: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+def krum_scores(vectors: torch.Tensor, num_malicious: int, rows: torch.Tensor | None = None,
+                centre: torch.Tensor | None = None) -> torch.Tensor:
     """(n, d) -> (n,) Krum scores (lower is more central); with `rows`, of vectors[rows]."""
-    return krum_scores_from_distances(pairwise_sq_distances(vectors, rows), num_malicious)
+    return krum_scores_from_distances(pairwise_sq_distances(vectors, rows, centre), num_malicious)
 
 
 def rank_by_score(scores: torch.Tensor) -> torch.Tensor:
@@ -141,15 +146,16 @@ class MultiKrumStrategy(AnomalyDetection):
         wanted = n - self.num_malicious if self.num_selected is None else self.num_selected
         return max(1, min(wanted, n - self.num_malicious))
 
-    def _ranking(self, server_round: int, updates: list[ClientUpdate]) -> tuple[list[int], int]:
+    def _ranking(self, server_round: int, updates: list[ClientUpdate],
+                 global_state: StateDict | None) -> tuple[list[int], int]:
         n, f = len(updates), self.num_malicious
         if n <= 2 * f + 2:
             log(WARNING, "round %d: %s with f=%d needs more than %d replies, got %d: using %d neighbours",
                 server_round, self.rule, f, 2 * f + 2, n, num_neighbours(n, f))
         keys = self.keys_for_vectors(updates[0].state)
-        # distances between models equal distances between updates: no reference needed
-        vectors, rows, _ = update_vectors(updates, keys, reference=updates[0].state)
-        scores = krum_scores(vectors, f, rows)
+        # distances between models equal distances between updates; the global model only centres them
+        vectors, rows, centre = update_vectors(updates, keys, global_state or updates[0].state)
+        scores = krum_scores(vectors, f, rows, centre)
         return rank_by_score(scores).tolist(), self.selected_count(n)
 
     def _rejections(self, updates: list[ClientUpdate], order: list[int], m: int) -> dict[int, str]:
@@ -159,12 +165,12 @@ class MultiKrumStrategy(AnomalyDetection):
 
     def detect(self, server_round: int, global_state: StateDict | None,
                updates: list[ClientUpdate]) -> dict[int, str]:
-        order, m = self._ranking(server_round, updates)
+        order, m = self._ranking(server_round, updates, global_state)
         return self._rejections(updates, order, m)
 
     def aggregate_updates(self, server_round: int, global_state: StateDict | None,
                           updates: list[ClientUpdate]) -> AggregationOutcome:
-        order, m = self._ranking(server_round, updates)
+        order, m = self._ranking(server_round, updates, global_state)
         kept = [updates[i] for i in order[:m]]
         weights = example_weights(kept) if self.weighted else torch.ones(len(kept), dtype=torch.float64)
         outcome = mean_of(kept, weights)
