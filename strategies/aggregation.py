@@ -187,7 +187,7 @@ def row_statistics(matrix: torch.Tensor, rows: torch.Tensor | None = None, offse
         end = start + COLUMN_BLOCK
         block = row_block(matrix, rows, start, end).to(torch.float64)
         if offset is not None:
-            block -= offset[start:end].to(torch.float64)
+            block = block - offset[start:end].to(torch.float64)  # not in place: the block may be a view
         squares += (block * block).sum(dim=1)
         if dots is not None:
             dots += block @ against[start:end].to(torch.float64)
@@ -203,6 +203,6 @@ def weighted_row_sum(matrix: torch.Tensor, weights: torch.Tensor, rows: torch.Te
         end = start + COLUMN_BLOCK
         block = row_block(matrix, rows, start, end).to(torch.float64)
         if offset is not None:
-            block -= offset[start:end].to(torch.float64)
+            block = block - offset[start:end].to(torch.float64)  # not in place: the block may be a view
         out[start:end] = w @ block
     return out

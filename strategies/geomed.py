@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from strategies.aggregation import StateDict, apply_update, update_matrix, weighted_average_states
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights
+from strategies.aggregation import StateDict, apply_update, row_statistics, weighted_average_states, weighted_row_sum
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
 
 DEFAULTS: dict[str, Any] = {
     "max_iter": 10,   # Weiszfeld iterations at most
@@ -39,27 +39,36 @@ def geomed_objective(points: torch.Tensor, alphas: torch.Tensor, v: torch.Tensor
 
 
 def geometric_median(points: torch.Tensor, alphas: torch.Tensor, max_iter: int = DEFAULTS["max_iter"],
-                     nu: float = DEFAULTS["nu"], tol: float = DEFAULTS["tol"]
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Smoothed Weiszfeld on an (n, d) matrix of points with non-negative weights `alphas` (n,).
+                     nu: float = DEFAULTS["nu"], tol: float = DEFAULTS["tol"], rows: torch.Tensor | None = None,
+                     offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Smoothed Weiszfeld on an (n, d) matrix of points with non-negative weights `alphas` (n,); the
+    points are points[rows] - offset when given (client models minus the global model).
 
     Returns (median (d,) float64, beta (n,) normalised so that median = beta @ points, iterations used).
     The stopping rule uses the unsmoothed objective sum_i alpha_i ||v - w_i|| (alphas normalised).
-    """
-    x = points.to(torch.float64)
+    Every step is a weighted sum of the rows or their distances to v, accumulated over column blocks in
+    float64 (aggregation.weighted_row_sum / row_statistics): no float64 copy of the points, no (n, d)
+    difference matrix."""
     a = alphas.to(torch.float64)
     a = a / a.sum()
-    v = a @ x
+    base = offset.to(torch.float64) if offset is not None else None
+
+    def distances(v: torch.Tensor) -> torch.Tensor:  # ||points_i - offset - v|| for every i
+        squares, _ = row_statistics(points, rows, v if base is None else base + v)
+        return squares.clamp_min(0).sqrt()
+
+    v = weighted_row_sum(points, a, rows, offset)
     beta = a
-    objective = geomed_objective(x, a, v)
+    dist = distances(v)
+    objective = (a * dist).sum()
     iterations = 0
     for _ in range(max_iter):
-        distances = torch.linalg.vector_norm(x - v, dim=1)
-        beta = a / distances.clamp_min(nu)
+        beta = a / dist.clamp_min(nu)
         beta = beta / beta.sum()
-        v = beta @ x
+        v = weighted_row_sum(points, beta, rows, offset)
         iterations += 1
-        new_objective = geomed_objective(x, a, v)
+        dist = distances(v)
+        new_objective = (a * dist).sum()
         converged = bool((objective - new_objective).abs() <= tol * new_objective)
         objective = new_objective
         if converged:
@@ -90,11 +99,12 @@ class GeoMedStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         alphas = example_weights(updates)
-        deltas = update_matrix([u.state for u in updates], global_state, keys)
-        median, beta, iterations = geometric_median(deltas, alphas, self.max_iter, self.nu, self.tol)
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
+        median, beta, iterations = geometric_median(models, alphas, self.max_iter, self.nu, self.tol, rows, reference)
         buffers = weighted_average_states([u.state for u in updates], alphas)
         state = apply_update(global_state, median, keys, buffers_from=buffers)
+        squares, _ = row_statistics(models, rows, reference.to(torch.float64) + median)
+        objective = float((alphas / alphas.sum() * squares.clamp_min(0).sqrt()).sum())
         return AggregationOutcome(
             state=state, weights={u.node_id: float(b) for u, b in zip(updates, beta, strict=True)},
-            info={"iterations": float(iterations),
-                  "objective": float(geomed_objective(deltas.to(torch.float64), alphas / alphas.sum(), median))})
+            info={"iterations": float(iterations), "objective": objective})

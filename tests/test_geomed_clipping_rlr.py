@@ -207,3 +207,20 @@ def test_rlr_threshold_precondition_names_the_key():
         RLRStrategy(threshold=5).check_preconditions(4)
     with pytest.raises(ValueError, match="strategy.server_lr"):
         RLRStrategy(server_lr=0.0).check_preconditions(4)
+
+
+def test_geometric_median_on_rows_minus_an_offset_equals_it_on_the_difference(monkeypatch):
+    """The block-wise form (models[rows] - global, as the strategy calls it) is the median of the updates."""
+    import strategies.aggregation as aggregation
+    from strategies.geomed import geometric_median
+
+    monkeypatch.setattr(aggregation, "COLUMN_BLOCK", 5)  # several blocks and a ragged last one
+    gen = torch.Generator().manual_seed(2)
+    models, offset = torch.randn(7, 23, generator=gen), torch.randn(23, generator=gen)
+    rows = torch.tensor([6, 1, 4, 0, 2])
+    alphas = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0])
+    blockwise, beta, _ = geometric_median(models, alphas, rows=rows, offset=offset)
+    direct, direct_beta, _ = geometric_median((models[rows] - offset).to(torch.float64), alphas)
+    torch.testing.assert_close(blockwise, direct)
+    torch.testing.assert_close(beta, direct_beta)
+    torch.testing.assert_close(blockwise, beta @ (models[rows] - offset).to(torch.float64))
