@@ -176,6 +176,27 @@ def lane_trimmed_mean(values: np.ndarray, k: int) -> np.ndarray:
     return middle.mean(axis=1)
 
 
+class Float64Blocks:
+    """Column blocks converted to float64 in one reused buffer.
+
+    A fresh float64 copy of every 100 x 262 144 block is a 210 MB allocation, which the allocator maps
+    and the kernel zero-fills again each time: at 100 x 11 M that cost more than the arithmetic. The
+    returned tensor is overwritten by the next call; use it before asking for another block."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, block: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        rows, cols = block.shape
+        if self.buffer is None or self.buffer.shape[0] != rows or self.buffer.shape[1] < cols:
+            self.buffer = torch.empty((rows, max(cols, COLUMN_BLOCK)), dtype=torch.float64, device=block.device)
+        out = self.buffer[:, :cols]
+        out.copy_(block)
+        if offset is not None:
+            out -= offset.to(torch.float64)  # in place on the buffer, never on the caller's matrix
+        return out
+
+
 def row_statistics(matrix: torch.Tensor, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,
                    against: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Squared L2 norms of the rows of matrix[rows] - offset and, with `against` (a (d,) vector), their
@@ -183,12 +204,11 @@ def row_statistics(matrix: torch.Tensor, rows: torch.Tensor | None = None, offse
     n = matrix.shape[0] if rows is None else len(rows)
     squares = torch.zeros(n, dtype=torch.float64, device=matrix.device)
     dots = torch.zeros(n, dtype=torch.float64, device=matrix.device) if against is not None else None
+    as_float64 = Float64Blocks()
     for start in range(0, matrix.shape[1], COLUMN_BLOCK):
         end = start + COLUMN_BLOCK
-        block = row_block(matrix, rows, start, end).to(torch.float64)
-        if offset is not None:
-            block = block - offset[start:end].to(torch.float64)  # not in place: the block may be a view
-        squares += (block * block).sum(dim=1)
+        block = as_float64(row_block(matrix, rows, start, end), None if offset is None else offset[start:end])
+        squares += torch.linalg.vector_norm(block, dim=1).square()
         if dots is not None:
             dots += block @ against[start:end].to(torch.float64)
     return squares, dots
@@ -199,10 +219,9 @@ def weighted_row_sum(matrix: torch.Tensor, weights: torch.Tensor, rows: torch.Te
     """(d,) float64: Σ_i weights[i] (matrix[rows][i] - offset), over column blocks."""
     w = weights.to(torch.float64)
     out = torch.empty(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    as_float64 = Float64Blocks()
     for start in range(0, matrix.shape[1], COLUMN_BLOCK):
         end = start + COLUMN_BLOCK
-        block = row_block(matrix, rows, start, end).to(torch.float64)
-        if offset is not None:
-            block = block - offset[start:end].to(torch.float64)  # not in place: the block may be a view
-        out[start:end] = w @ block
+        out[start:end] = w @ as_float64(row_block(matrix, rows, start, end),
+                                        None if offset is None else offset[start:end])
     return out

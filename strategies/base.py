@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from strategies.aggregation import (
+    Float64Blocks,
     StateDict,
     columnwise,
     default_trainable_keys,
@@ -230,8 +231,7 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
         if width is not None:
             # one pass over the row prefix, float64 accumulation, no float64 copy; a NaN/Inf among these
             # entries makes the sum non-finite, so they need no separate isfinite pass
-            diff = stack.matrix[stack.used, :width] - stack.reference[:width]
-            squared = float(sum(torch.dot(c, c).double() for c in diff.split(1 << 20)))
+            squared = stack.squared_distance_to_reference(stack.used, width)
             if math.isfinite(squared):
                 finite_checked = set(keys)
         else:
@@ -489,7 +489,8 @@ def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOu
         contiguous = rows == list(range(len(rows)))
         matrix = stack.matrix[:len(rows)] if contiguous else stack.matrix
         index = None if contiguous else torch.as_tensor(rows, dtype=torch.long)
-        state = stack.unflatten(columnwise(matrix, lambda block: (w @ block.to(torch.float64)).to(torch.float32),
+        as_float64 = Float64Blocks()  # one reused float64 buffer (columnwise runs blocks one at a time here)
+        state = stack.unflatten(columnwise(matrix, lambda block: (w @ as_float64(block)).to(torch.float32),
                                            rows=index))
         others = [k for k in updates[0].state if not stack.holds(k)]
         if others:

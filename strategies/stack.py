@@ -68,6 +68,19 @@ class ReplyStack:
             self.reference[start:end] = template[k].reshape(-1)
         self.template = template  # the global model the reference row was filled from
         self.used = 0
+        self._scratch: torch.Tensor | None = None
+
+    def squared_distance_to_reference(self, row: int, width: int, chunk: int = 1 << 20) -> float:
+        """|matrix[row, :width] - reference[:width]|², float64 sums of float32 chunks computed in one
+        reused buffer (a fresh 44 MB difference per reply would be mapped and zero-filled each time)."""
+        if self._scratch is None:
+            self._scratch = torch.empty(chunk, dtype=torch.float32)
+        total = 0.0
+        for start in range(0, width, chunk):
+            end = min(start + chunk, width)
+            diff = torch.sub(self.matrix[row, start:end], self.reference[start:end], out=self._scratch[:end - start])
+            total += float(torch.dot(diff, diff).double())
+        return total
 
     def holds(self, key: str) -> bool:
         return key in self.offsets
