@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet18"], choices=sorted(MODELS))
     parser.add_argument("--strategies", nargs="+", default=None, help="default: every conf/strategy option")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num-malicious", type=int, default=3, help="f for Flower's rules (thorn's: its config)")
+    parser.add_argument("--num-malicious", type=int, default=3,
+                        help="f for Flower's rules whose thorn config has none (those that have one use its f)")
     args = parser.parse_args()
     names = args.strategies or group_options("strategy")
     import flwr.serverapp.strategy as flower_strategies
@@ -165,7 +166,9 @@ def main() -> None:
                 if seconds is None or name not in FLOWER_EQUIVALENT:
                     continue
                 cls_name, kwargs = FLOWER_EQUIVALENT[name]
-                flower = getattr(flower_strategies, cls_name)(**kwargs(args.num_malicious))
+                # the same f as thorn's rule (its config), so both solve the same problem
+                f = compose_config([f"strategy={name}"]).strategy.get("num_malicious", args.num_malicious)
+                flower = getattr(flower_strategies, cls_name)(**kwargs(int(f)))
                 flower_seconds = time_call(lambda fresh, flower=flower: flower.aggregate_train(1, fresh),
                                            repeats, setup=partial(fresh_replies, model, n))
                 row[3], row[4] = flower_seconds / seconds, flower_seconds
