@@ -38,12 +38,11 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from strategies.aggregation import (
-    Float64Blocks,
     StateDict,
-    columnwise,
     default_trainable_keys,
     flatten_states,
     weighted_average_states,
+    weighted_row_sum,
 )
 from strategies.stack import ReplyStack, array_view
 
@@ -470,12 +469,22 @@ def update_vectors(updates: list[ClientUpdate], keys: list[str],
     if width is None:
         return (flatten_states([u.state for u in updates], keys), None,
                 flatten_states([reference], keys)[0])
-    rows = [u.row for u in updates]
     # the stack holds the global model it was built from in the same layout: no flattening needed
     reference_vector = stack.reference[:width] if reference is stack.template else flatten_states([reference], keys)[0]
+    matrix, rows = stack_rows(stack, updates, width)
+    return matrix, rows, reference_vector
+
+
+def stack_rows(stack: ReplyStack, updates: list[ClientUpdate],
+               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(matrix, rows): the updates' rows of the stack, over the first `width` columns (all by default).
+    When the updates are the first rows in order (the usual case: rows are filled in sorted order), the
+    matrix is a view of exactly those rows and `rows` is None; otherwise an index into the full matrix."""
+    columns = slice(None) if width is None else slice(0, width)
+    rows = [u.row for u in updates]
     if rows == list(range(len(rows))):
-        return stack.matrix[:len(rows), :width], None, reference_vector
-    return stack.matrix[:, :width], torch.as_tensor(rows, dtype=torch.long), reference_vector
+        return stack.matrix[:len(rows), columns], None
+    return stack.matrix[:, columns], torch.as_tensor(rows, dtype=torch.long)
 
 
 def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOutcome:
@@ -485,13 +494,8 @@ def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOu
     if stack is None:
         state = weighted_average_states([u.state for u in updates], w)
     else:  # float64 accumulation over column blocks of the stack, as weighted_average_states does
-        rows = [u.row for u in updates]
-        contiguous = rows == list(range(len(rows)))
-        matrix = stack.matrix[:len(rows)] if contiguous else stack.matrix
-        index = None if contiguous else torch.as_tensor(rows, dtype=torch.long)
-        as_float64 = Float64Blocks()  # one reused float64 buffer (columnwise runs blocks one at a time here)
-        state = stack.unflatten(columnwise(matrix, lambda block: (w @ as_float64(block)).to(torch.float32),
-                                           rows=index))
+        matrix, rows = stack_rows(stack, updates)
+        state = stack.unflatten(weighted_row_sum(matrix, w, rows).to(torch.float32))
         others = [k for k in updates[0].state if not stack.holds(k)]
         if others:
             state.update(weighted_average_states([{k: u.state[k] for k in others} for u in updates], w))

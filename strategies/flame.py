@@ -181,13 +181,13 @@ class FlameStrategy(AnomalyDetection):
         if not self.noise_lambda >= 0:
             raise ValueError(f"strategy.noise_lambda={self.noise_lambda} is invalid; allowed: a number >= 0")
 
-    def admitted_mask(self, updates: list[ClientUpdate], keys: list[str]) -> torch.Tensor:
-        models, rows, _ = update_vectors(updates, keys, reference=updates[0].state)  # read-only view
+    def admitted_mask(self, updates: list[ClientUpdate], keys: list[str], global_state: StateDict) -> torch.Tensor:
+        models, rows, _ = update_vectors(updates, keys, global_state)  # read-only view
         models = models if rows is None else models[rows]
         return majority_cluster(pairwise_cosine_distances(models), len(updates) // 2 + 1)
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
-        admitted = self.admitted_mask(updates, self.keys_for_vectors(global_state))
+        admitted = self.admitted_mask(updates, self.keys_for_vectors(global_state), global_state)
         return {u.node_id: OUTLIER_REASON for u, ok in zip(updates, admitted, strict=True) if not ok}
 
     def aggregate_updates(self, server_round: int, global_state: StateDict,

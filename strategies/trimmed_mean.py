@@ -71,7 +71,6 @@ class TrimmedMeanStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         reference = reference_state(global_state, updates)
         keys = self.keys_for_vectors(reference)
-        check_beta(self.beta)
         mean = coordinatewise_rule(lambda block: trimmed_mean(block, self.beta), reference, updates, keys)
         return AggregationOutcome(state=robust_state(reference, keys, mean, updates),
                                   weights=uniform_weights(updates),
