@@ -112,9 +112,16 @@ def apply_update(global_state: StateDict, update: torch.Tensor, keys: Sequence[s
 COLUMN_BLOCK = 1 << 18  # columns per block: 100 clients x 262 144 float32 = 100 MB at a time
 
 
-def row_block(matrix: torch.Tensor, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
-    """matrix[rows, start:end] (all rows when `rows` is None; then a view)."""
-    return matrix[:, start:end] if rows is None else matrix[rows, start:end]
+def row_block(matrix, rows: torch.Tensor | None, start: int, end: int,
+              offset: torch.Tensor | None = None) -> torch.Tensor:
+    """matrix[rows, start:end] - offset[start:end] (all rows when `rows` is None, no subtraction when
+    `offset` is None). READ-ONLY: for a tensor without offset it is a view of the caller's matrix; for the
+    round's stacked replies (`strategies.stack.StackColumns`) it is gathered into a per-thread buffer that
+    the thread's next block overwrites."""
+    if not isinstance(matrix, torch.Tensor):
+        return matrix.block(rows, start, end, offset)
+    block = matrix[:, start:end] if rows is None else matrix[rows, start:end]
+    return block if offset is None else block - offset[start:end]
 
 
 def columnwise(matrix: torch.Tensor, rule, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,
@@ -131,10 +138,7 @@ def columnwise(matrix: torch.Tensor, rule, rows: torch.Tensor | None = None, off
 
     def one_block(start: int) -> None:
         end = min(start + block, width)
-        values = row_block(matrix, rows, start, end)
-        if offset is not None:
-            values = values - offset[start:end]
-        out[start:end] = rule(values)
+        out[start:end] = rule(row_block(matrix, rows, start, end, offset))
 
     starts = range(0, width, block)
     if threads > 1 and len(starts) > 1:
@@ -195,6 +199,20 @@ class Float64Blocks:
         if offset is not None:
             out -= offset.to(torch.float64)  # in place on the buffer, never on the caller's matrix
         return out
+
+
+def gram_matrix(matrix, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, n) float64 Gram matrix G[i, j] = (x_i - offset)·(x_j - offset) of the rows of matrix[rows],
+    accumulated over column blocks: float32 products within a block (one matrix product, the fast path on a
+    CPU), float64 sums across blocks; no centred copy of the matrix is ever made. Centring on a vector the
+    rows are close to (their mean, the global model) keeps |x|² + |y|² - 2x·y from cancelling when distances
+    are derived from G."""
+    n = matrix.shape[0] if rows is None else len(rows)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=matrix.device)
+    for start in range(0, matrix.shape[1] if n else 0, COLUMN_BLOCK):
+        block = row_block(matrix, rows, start, start + COLUMN_BLOCK, offset)
+        gram += (block @ block.T).to(torch.float64)
+    return gram
 
 
 def row_statistics(matrix: torch.Tensor, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,

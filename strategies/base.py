@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -41,10 +42,11 @@ from strategies.aggregation import (
     StateDict,
     default_trainable_keys,
     flatten_states,
+    gram_matrix,
     weighted_average_states,
     weighted_row_sum,
 )
-from strategies.stack import ReplyStack, array_view
+from strategies.stack import ReplyStack, StackColumns, array_view
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -75,7 +77,7 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float]
     extras: dict[str, Any] = field(default_factory=dict)  # further records (e.g. Fisher vectors)
-    # set when the state tensors are views into row `row` of the round's ReplyStack (strategies/stack.py)
+    # set when the float32 state tensors are row `row` of the round's ReplyStack (read-only; strategies/stack.py)
     stack: ReplyStack | None = field(default=None, repr=False)
     row: int | None = None
 
@@ -137,40 +139,24 @@ def content_key(update: ClientUpdate) -> tuple[int, int]:
     return update.num_examples, crc
 
 
-def reply_order_key(msg: Message, global_state: StateDict) -> tuple[float, int]:
-    """`content_key` of the update a reply will become, read from its serialised arrays without decoding
-    the model: replies taken in this order fill the round's ReplyStack rows already sorted, so no row
-    has to move. Replies that cannot be read sort last (validation rejects them afterwards)."""
-    try:
-        num_examples = int(msg.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])
-        record = msg.content.array_records[ARRAYS_KEY]
-        keys = [k for k, v in global_state.items() if torch.is_floating_point(v)] or list(global_state)
-        crc = 0
-        for k in (keys[0], keys[-1]):
-            crc = zlib.crc32(np.ascontiguousarray(array_view(record[k].data)).data, crc)
-        return num_examples, crc
-    except Exception:
-        return math.inf, 0
-
-
 def record_bytes(record: Any) -> int:
     if isinstance(record, ArrayRecord):
         return sum(len(array.data) for array in record.values())
     return sum(len(str(k)) + len(v) if isinstance(v, bytes | str) else len(str(k)) + 8 for k, v in record.items())
 
 
-def decode_arrays(record: ArrayRecord, global_state: StateDict | None,
-                  row: StateDict | None = None) -> StateDict:
+def decode_arrays(record: ArrayRecord, global_state: StateDict | None, views: Collection[str] = ()) -> StateDict:
     """The reply's arrays as tensors, checked against the global model's keys, shapes and dtypes.
 
-    Entries present in `row` (views into a `ReplyStack` row) are copied straight from the serialised
-    bytes into it and the views are returned; the rest become tensors of their own."""
+    Entries named in `views` that are C-contiguous float32 become READ-ONLY tensors over the serialised bytes
+    themselves (no copy: see strategies/stack.py); every other entry becomes a writable tensor of its own."""
     try:
         keys = list(record.keys())
     except Exception as exc:  # a reply cannot crash the server
         raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
     if global_state is not None:
-        missing = [k for k in global_state if k not in keys]
+        present = set(keys)
+        missing = [k for k in global_state if k not in present]
         extra = [k for k in keys if k not in global_state]
         if missing:
             raise InvalidReply(f"the uploaded model lacks {len(missing)} key(s), e.g. {missing[0]!r}", "keys")
@@ -178,35 +164,85 @@ def decode_arrays(record: ArrayRecord, global_state: StateDict | None,
             raise InvalidReply(f"the uploaded model has {len(extra)} unknown key(s), e.g. {extra[0]!r}", "keys")
         keys = list(global_state)  # the global model's key order
     state: StateDict = {}
-    for k in keys:
-        try:
-            array = record[k]
-            values = array_view(array.data) if array.stype == "numpy.ndarray" else array.numpy()
-            dtype = torch.from_numpy(np.empty(0, dtype=values.dtype)).dtype  # raises for types torch lacks
-        except Exception as exc:
-            raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
-        if global_state is not None:
-            ref = global_state[k]
-            if tuple(values.shape) != tuple(ref.shape):
-                raise InvalidReply(f"{k!r} has shape {tuple(values.shape)}, expected {tuple(ref.shape)}", "shape")
-            if dtype != ref.dtype:
-                raise InvalidReply(f"{k!r} has dtype {dtype}, expected {ref.dtype}", "dtype")
-        if row is not None and k in row:
-            row[k].numpy()[...] = values  # one copy: serialised bytes -> the stack row
-            state[k] = row[k]
-        else:
-            state[k] = torch.from_numpy(np.array(values))  # a writable copy of its own
+    with warnings.catch_warnings():  # torch warns that it cannot mark a tensor over bytes read-only
+        warnings.simplefilter("ignore", UserWarning)
+        for k in keys:
+            state[k] = _decode_entry(record, k, global_state, k in views)
     return state
 
 
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """torch's dtype for a NumPy dtype; raises for types torch lacks."""
+    if dtype not in _TORCH_DTYPES:
+        _TORCH_DTYPES[dtype] = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return _TORCH_DTYPES[dtype]
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
+
+
+def _decode_entry(record: ArrayRecord, k: str, global_state: StateDict | None, view: bool) -> torch.Tensor:
+    try:
+        array = record[k]
+        values = array_view(array.data) if array.stype == "numpy.ndarray" else array.numpy()
+        dtype = _torch_dtype(values.dtype)
+    except Exception as exc:
+        raise InvalidReply(f"the uploaded arrays cannot be read: {exc}", "undecodable") from None
+    if global_state is not None:
+        ref = global_state[k]
+        if tuple(values.shape) != tuple(ref.shape):
+            raise InvalidReply(f"{k!r} has shape {tuple(values.shape)}, expected {tuple(ref.shape)}", "shape")
+        if dtype != ref.dtype:
+            raise InvalidReply(f"{k!r} has dtype {dtype}, expected {ref.dtype}", "dtype")
+    if view and values.dtype == np.float32 and values.flags.c_contiguous:
+        return torch.from_numpy(values)  # read-only in fact: the reply's bytes
+    return torch.from_numpy(np.array(values))  # a writable copy of its own
+
+
+NORM_CHUNK = 1 << 20  # entries per float32 difference in squared_update_norm
+
+
+def squared_update_norm(state: StateDict, global_state: StateDict, keys: list[str]) -> float:
+    """|state - global|² over `keys`: float64 sums of float32 differences taken chunk by chunk in one
+    buffer (a float64 copy of a 44 MB model per reply, or a fresh difference, costs more than the sum). A
+    NaN/Inf among the entries makes the result non-finite."""
+    largest = max((global_state[k].numel() for k in keys), default=0)
+    scratch = torch.empty(min(largest, NORM_CHUNK), dtype=torch.float32)
+    total = 0.0
+    for k in keys:
+        mine, ref = state[k].reshape(-1), global_state[k].reshape(-1)
+        if mine.dtype != torch.float32:
+            total += float((mine.double() - ref.double()).pow(2).sum())
+            continue
+        for start in range(0, mine.numel(), NORM_CHUNK):
+            end = min(start + NORM_CHUNK, mine.numel())
+            diff = torch.sub(mine[start:end], ref[start:end], out=scratch[:end - start])
+            total += float(torch.dot(diff, diff).double())
+    return total
+
+
+def check_update_norm(squared: float, state: StateDict, keys: list[str], limits: ReplyLimits) -> None:
+    """InvalidReply when |update|² over the trainable `keys` is not finite (naming an entry holding NaN/Inf)
+    or its root exceeds `limits.max_update_norm`."""
+    if not math.isfinite(squared):
+        bad = next((k for k in keys if not torch.isfinite(state[k]).all()), None)
+        if bad is not None:
+            raise InvalidReply(f"{bad!r} holds NaN or Inf", "non-finite")
+    norm = math.sqrt(squared) if squared >= 0 else math.nan
+    if limits.max_update_norm is not None and (not math.isfinite(norm) or norm > limits.max_update_norm):
+        raise InvalidReply(f"update norm {norm:.4g} exceeds server.max_update_norm={limits.max_update_norm:g}", "norm")
+
+
 def update_from_message(msg: Message, global_state: StateDict | None, limits: ReplyLimits | None = None,
-                        norm_keys: list[str] | None = None, stack: ReplyStack | None = None) -> ClientUpdate:
+                        norm_keys: list[str] | None = None, views: Collection[str] = (),
+                        deferred: bool = False) -> ClientUpdate:
     """Turn a reply into a ClientUpdate, rejecting (InvalidReply) what cannot be aggregated: missing
     records, a bad example count, other keys, shapes or dtypes than the global model's, NaN/Inf, an
     absurd update norm (over `norm_keys`, the trainable parameters), oversized extra records.
 
-    With a `stack` (built from `global_state`), the model is decoded into its next free row, which the
-    update then owns (`stack.used` grows by one only when the reply is accepted)."""
+    Entries named in `views` are read-only views of the reply's bytes (`decode_arrays`). With `deferred`,
+    the NaN/Inf and norm checks of the `norm_keys` entries are left to the caller, which runs them for the
+    whole round in one pass (`ThornStrategy.aggregate_train`, `check_update_norm`)."""
     limits = limits or ReplyLimits()
     content = msg.content
     if ARRAYS_KEY not in content.array_records:
@@ -218,31 +254,21 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
     if (not isinstance(num_examples, int | float) or isinstance(num_examples, bool)
             or not math.isfinite(num_examples) or num_examples <= 0):
         raise InvalidReply(f"'num-examples' must be a positive number, got {num_examples!r}", "num-examples")
-    if stack is not None and (global_state is None or stack.used >= stack.matrix.shape[0]):
-        raise ValueError("a reply stack needs the global model and a free row")
-    row = stack.row_views(stack.used) if stack is not None else None
-    state = decode_arrays(content.array_records[ARRAYS_KEY], global_state, row)
-    norm, finite_checked = None, set()
-    if global_state is not None and limits.max_update_norm is not None:
-        # over the trainable parameters: BatchNorm running statistics may legitimately be large
+    state = decode_arrays(content.array_records[ARRAYS_KEY], global_state, views)
+    # over the trainable parameters: BatchNorm running statistics may legitimately be large
+    keys = None
+    if global_state is not None:
         keys = norm_keys if norm_keys is not None else default_trainable_keys(global_state)
-        width = stack.vectors_for(keys) if stack is not None else None
-        if width is not None:
-            # one pass over the row prefix, float64 accumulation, no float64 copy; a NaN/Inf among these
-            # entries makes the sum non-finite, so they need no separate isfinite pass
-            squared = stack.squared_distance_to_reference(stack.used, width)
-            if math.isfinite(squared):
-                finite_checked = set(keys)
-        else:
-            squared = sum(float((state[k].double() - global_state[k].double()).pow(2).sum()) for k in keys)
-        norm = math.sqrt(squared) if squared >= 0 else math.nan
+    squared, finite_checked = None, set(keys) if deferred and keys is not None else set()
+    if keys is not None and not deferred and limits.max_update_norm is not None:
+        squared = squared_update_norm(state, global_state, keys)
+        if math.isfinite(squared):  # a NaN/Inf among these entries would have made the sum non-finite
+            finite_checked = set(keys)
     for k, v in state.items():
         if k not in finite_checked and torch.is_floating_point(v) and not torch.isfinite(v).all():
             raise InvalidReply(f"{k!r} holds NaN or Inf", "non-finite")
-    if norm is not None and any(torch.is_floating_point(v) for v in state.values()):
-        if not math.isfinite(norm) or norm > limits.max_update_norm:
-            raise InvalidReply(f"update norm {norm:.4g} exceeds server.max_update_norm={limits.max_update_norm:g}",
-                               "norm")
+    if squared is not None and any(torch.is_floating_point(v) for v in state.values()):
+        check_update_norm(squared, state, keys, limits)
     extras = {k: v for k, v in content.items() if k not in (ARRAYS_KEY, METRICS_KEY)}
     if extras:
         bound = limits.max_extra_bytes
@@ -255,9 +281,6 @@ def update_from_message(msg: Message, global_state: StateDict | None, limits: Re
                           metrics={k: float(v) for k, v in metrics.items()
                                    if isinstance(v, int | float) and not isinstance(v, bool)},
                           extras=extras)
-    if stack is not None:
-        update.stack, update.row = stack, stack.used
-        stack.used += 1
     return update
 
 
@@ -303,6 +326,12 @@ class ThornStrategy(FedAvg):
     needs_server_data = False  # True: the server hands it a ServerContext (needs server.val_fraction > 0)
     client_half: type[ClientHalf] | None = None  # the defense's client half, if it has one
     filtering = False  # True: it rejects clients, so the records score its detection (TPR/FPR)
+    # True: the rule needs the Gram matrix of the models minus the global model (Krum's distances); the
+    # round's validation pass computes it, rather than a second pass over 100 x 11 M floats (centred_gram)
+    shares_gram = False
+    # True: the rule averages (some of) the models by example count (base.example_mean); the validation pass
+    # computes the example-weighted sum of all of them, so that mean costs no pass of its own
+    shares_example_sum = False
 
     def __init__(self, fraction_train: float = 1.0, min_train_nodes: int = 2, min_available_nodes: int = 2,
                  **kwargs: Any) -> None:
@@ -369,14 +398,21 @@ class ThornStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        updates, invalid, invalid_kinds, failures = [], {}, {}, 0
+        candidates, invalid, invalid_kinds, failures = [], {}, {}, 0
         seen: set[int] = set()
         norm_keys = self.keys_for_vectors(self.global_state) if self.global_state is not None else None
-        # every accepted model goes into one row of a matrix allocated once for the round (stack.py)
-        stack = (ReplyStack(self.global_state, norm_keys, capacity=len(replies))
-                 if self.global_state is not None and replies else None)
-        if stack is not None:
-            replies.sort(key=lambda msg: reply_order_key(msg, self.global_state))
+        # every accepted model becomes one row of the round's stack: views of its reply's bytes (stack.py)
+        stack = ReplyStack(self.global_state, norm_keys) if self.global_state is not None and replies else None
+        views = set(stack.keys) if stack is not None else set()
+        # the NaN/norm check of the trainable parameters runs once for the whole round over the stack's
+        # rows, where it can share its pass over the models with the strategy's Gram matrix
+        width = stack.vectors_for(norm_keys) if stack is not None else None
+
+        def reject(node: int, exc: InvalidReply) -> None:
+            invalid[node] = str(exc)
+            invalid_kinds[exc.kind] = invalid_kinds.get(exc.kind, 0) + 1
+            log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, exc)
+
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -387,27 +423,26 @@ class ThornStrategy(FedAvg):
                 if node in seen:
                     raise InvalidReply(f"a second reply from node {node} in this round", "duplicate")
                 seen.add(node)
-                update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys, stack)
-                try:
-                    self.validate_update(update)
-                except InvalidReply:
-                    if stack is not None:  # free the row it was decoded into (the last one taken)
-                        stack.used -= 1
-                    raise
-                updates.append(update)
+                update = update_from_message(msg, self.global_state, self.reply_limits, norm_keys, views,
+                                             deferred=width is not None)
+                self.validate_update(update)
+                candidates.append(update)
             except InvalidReply as exc:
-                invalid[node] = str(exc)
-                invalid_kinds[exc.kind] = invalid_kinds.get(exc.kind, 0) + 1
-                log(WARNING, "round %d: reply of node %d rejected: %s", server_round, node, exc)
+                reject(node, exc)
 
-        updates.sort(key=content_key)
-        if stack is not None and updates and [u.row for u in updates] != list(range(len(updates))):
-            # rows must follow the sorted order, so the first k updates are the first k rows (a view);
-            # replies were decoded in that order already unless a sort key was unreadable up front
-            stack.reorder([u.row for u in updates])
-            for i, update in enumerate(updates):
-                update.row = i
-                update.state.update(stack.row_views(i))
+        candidates.sort(key=content_key)
+        updates = candidates
+        if stack is not None:  # rows in the sorted order (appending copies nothing)
+            for update in candidates:
+                update.stack, update.row = stack, stack.append(update.state)
+        if width is not None and candidates:
+            updates = []
+            for update, squared in zip(candidates, self._squared_update_norms(stack, candidates, width), strict=True):
+                try:
+                    check_update_norm(squared, update.state, norm_keys, self.reply_limits)
+                    updates.append(update)
+                except InvalidReply as exc:
+                    reject(update.node_id, exc)
         train_loss = None
         if updates:
             total = sum(u.num_examples for u in updates)
@@ -439,6 +474,14 @@ class ThornStrategy(FedAvg):
             metrics["train-loss"] = float(train_loss)
         return ArrayRecord(outcome.state), metrics
 
+    def _squared_update_norms(self, stack: ReplyStack, updates: list[ClientUpdate], width: int) -> list[float]:
+        """|model - global|² over the first `width` columns of every row of the stack (the updates, in row
+        order). The same pass over the models leaves on the stack the rows' Gram matrix for a strategy that
+        needs it (`shares_gram`) and their example-weighted sum for one that averages by example count
+        (`shares_example_sum`)."""
+        weights = [float(u.num_examples) for u in updates] if self.shares_example_sum else None
+        return stack.summarise(width, weights, gram=self.shares_gram)
+
     def summary(self) -> None:
         log(INFO, "\t├──> thorn strategy %s (category: %s)", type(self).__name__, self.category)
         super().summary()
@@ -457,13 +500,13 @@ def shared_stack(updates: list[ClientUpdate]) -> ReplyStack | None:
 
 
 def update_vectors(updates: list[ClientUpdate], keys: list[str],
-                   reference: StateDict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                   reference: StateDict) -> tuple[torch.Tensor | StackColumns, torch.Tensor | None, torch.Tensor]:
     """(matrix, rows, reference vector): the clients' models over `keys` are matrix[rows] (every row of
     `matrix` when rows is None), the reference model's (usually the global one) is the vector.
 
-    READ-ONLY: when the updates live in the round's ReplyStack, `matrix` is a view of it (no copy of
-    100 x 11 M floats); writing into it would change the clients' models. Otherwise it is a fresh
-    float32 flattening."""
+    READ-ONLY. When the updates are rows of the round's ReplyStack, `matrix` is a `StackColumns` over the
+    replies' own bytes (no copy of 100 x 11 M floats), read through `aggregation.row_block` and the column-block
+    helpers; rows is then None. Otherwise it is a fresh float32 flattening."""
     stack = shared_stack(updates)
     width = stack.vectors_for(keys) if stack is not None else None
     if width is None:
@@ -471,37 +514,77 @@ def update_vectors(updates: list[ClientUpdate], keys: list[str],
                 flatten_states([reference], keys)[0])
     # the stack holds the global model it was built from in the same layout: no flattening needed
     reference_vector = stack.reference[:width] if reference is stack.template else flatten_states([reference], keys)[0]
-    matrix, rows = stack_rows(stack, updates, width)
-    return matrix, rows, reference_vector
+    return stack.columns([u.row for u in updates], width), None, reference_vector
 
 
-def stack_rows(stack: ReplyStack, updates: list[ClientUpdate],
-               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(matrix, rows): the updates' rows of the stack, over the first `width` columns (all by default).
-    When the updates are the first rows in order (the usual case: rows are filled in sorted order), the
-    matrix is a view of exactly those rows and `rows` is None; otherwise an index into the full matrix."""
-    columns = slice(None) if width is None else slice(0, width)
-    rows = [u.row for u in updates]
-    if rows == list(range(len(rows))):
-        return stack.matrix[:len(rows), columns], None
-    return stack.matrix[:, columns], torch.as_tensor(rows, dtype=torch.long)
+def centred_gram(updates: list[ClientUpdate], keys: list[str], reference: StateDict) -> torch.Tensor:
+    """(n, n) float64 Gram matrix of the updates' vectors over `keys` minus the reference's (the global
+    model): from the round's validation pass when it computed one (`ThornStrategy.shares_gram`), else now.
+    Entries touched by a rejected row (NaN, say) are never used: only the updates' rows are taken, and a
+    non-finite entry among them falls back to computing afresh."""
+    stack = shared_stack(updates)
+    if (stack is not None and stack.gram is not None and reference is stack.template
+            and stack.vectors_for(keys) == stack.gram_width):
+        index = torch.as_tensor([u.row for u in updates], dtype=torch.long)
+        gram = stack.gram[index][:, index]
+        if bool(torch.isfinite(gram).all()):
+            return gram
+    vectors, rows, reference_vector = update_vectors(updates, keys, reference)
+    return gram_matrix(vectors, rows, reference_vector)
 
 
 def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOutcome:
     """Weighted mean of the updates' state dicts; `weights` need not be normalised."""
     w = (weights / weights.sum()).to(torch.float64)
     stack = shared_stack(updates)
-    if stack is None:
+    if len(updates) == 1:
+        state = {k: v.clone() for k, v in updates[0].state.items()}
+    elif stack is None:
         state = weighted_average_states([u.state for u in updates], w)
     else:  # float64 accumulation over column blocks of the stack, as weighted_average_states does
-        matrix, rows = stack_rows(stack, updates)
-        state = stack.unflatten(weighted_row_sum(matrix, w, rows).to(torch.float32))
-        others = [k for k in updates[0].state if not stack.holds(k)]
-        if others:
-            state.update(weighted_average_states([{k: u.state[k] for k in others} for u in updates], w))
-        state = {k: state[k] for k in updates[0].state}
+        total = weighted_row_sum(stack.columns([u.row for u in updates]), w)
+        state = stacked_state(stack, updates, total, w)
     return AggregationOutcome(state=state,
                               weights={u.node_id: float(wi) for u, wi in zip(updates, w, strict=True)})
+
+
+def stacked_state(stack: ReplyStack, updates: list[ClientUpdate], vector: torch.Tensor,
+                  weights: torch.Tensor) -> StateDict:
+    """A full state dict from a (width,) vector over the stack's columns; the entries outside the stack
+    (integer buffers, other dtypes) are the `weights`-mean of the updates' (integer buffers: the max)."""
+    state = stack.unflatten(vector)
+    others = [k for k in updates[0].state if not stack.holds(k)]
+    if others:
+        state.update(weighted_average_states([{k: u.state[k] for k in others} for u in updates], weights))
+    return {k: state[k] for k in updates[0].state}
+
+
+def example_mean(updates: list[ClientUpdate]) -> AggregationOutcome:
+    """mean_of(updates, example_weights(updates)). When the round's validation pass left the example-
+    weighted sum of every row on the stack (`ThornStrategy.shares_example_sum`), the sum over the kept rows
+    is that sum minus the rows left out (none for FedAvg, f for Multi-Krum): no pass over the kept models.
+    Falls back to mean_of when more rows were left out than kept, or when a left-out row held NaN/Inf."""
+    weights = example_weights(updates)
+    stack = shared_stack(updates)
+    if stack is None or stack.weighted_sum is None or len(updates) == 1:
+        return mean_of(updates, weights)
+    kept = {u.row for u in updates}
+    left_out = [r for r in range(stack.used) if r not in kept]
+    if len(left_out) > len(updates):
+        return mean_of(updates, weights)
+    # reference + (weighted sum - left-out rows) / kept examples, in place on one float64 vector
+    if left_out:
+        left_weights = torch.tensor([stack.sum_weights[r] for r in left_out], dtype=torch.float64)
+        vector = weighted_row_sum(stack.columns(left_out), left_weights, offset=stack.reference)
+        vector.neg_().add_(stack.weighted_sum)
+    else:
+        vector = stack.weighted_sum.clone()
+    vector.div_(float(weights.sum())).add_(stack.reference)
+    if not math.isfinite(float(vector.sum())):  # a left-out row held NaN/Inf: it cannot be subtracted
+        return mean_of(updates, weights)
+    w = weights / weights.sum()
+    state = stacked_state(stack, updates, vector, w)
+    return AggregationOutcome(state=state, weights={u.node_id: float(wi) for u, wi in zip(updates, w, strict=True)})
 
 
 class RobustAggregation(ThornStrategy):
@@ -515,6 +598,7 @@ class AnomalyDetection(ThornStrategy):
 
     category = "anomaly_detection"
     filtering = True
+    shares_example_sum = True  # the kept updates are averaged by example count (example_mean)
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
         """Node id -> reason, for every update to reject."""
@@ -526,7 +610,7 @@ class AnomalyDetection(ThornStrategy):
         if not kept:
             log(WARNING, "round %d: every update was rejected: global model unchanged", server_round)
             return AggregationOutcome(state=None, weights={}, rejected=rejected)
-        outcome = mean_of(kept, example_weights(kept))
+        outcome = example_mean(kept)
         outcome.rejected = rejected
         outcome.weights.update({node: 0.0 for node in rejected})
         return outcome

@@ -35,13 +35,14 @@ import torch
 from flwr.common import log
 
 from strategies.aggregation import StateDict, lane_median, lanes
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, update_vectors
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, centred_gram
 from strategies.krum import (
     DEFAULT_NUM_MALICIOUS,
     krum_scores_from_distances,
     multikrum_select,
     pairwise_sq_distances,
     rank_by_score,
+    sq_distances_from_gram,
 )
 from strategies.median import coordinate_median, coordinatewise_rule, reference_state, robust_state
 
@@ -55,7 +56,11 @@ def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
     """(n, d) -> `count` indices, in the order recursive Krum picks them: Krum on the remaining set,
     remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix.
     With `rows`, among vectors[rows] (the indices returned are positions in `rows`)."""
-    sq_distances = pairwise_sq_distances(vectors, rows, centre)
+    return iterative_krum_select_from_distances(pairwise_sq_distances(vectors, rows, centre), num_malicious, count)
+
+
+def iterative_krum_select_from_distances(sq_distances: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
+    """`iterative_krum_select` on the (n, n) squared distances of the vectors."""
     remaining = torch.arange(sq_distances.shape[0], device=sq_distances.device)
     chosen = []
     for _ in range(count):
@@ -63,7 +68,7 @@ def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
         pick = int(rank_by_score(krum_scores_from_distances(sub, num_malicious))[0])
         chosen.append(remaining[pick])
         remaining = torch.cat([remaining[:pick], remaining[pick + 1:]])
-    return torch.stack(chosen).to(vectors.device) if chosen else torch.zeros(0, dtype=torch.long)
+    return torch.stack(chosen) if chosen else torch.zeros(0, dtype=torch.long)
 
 
 def closest_to_median_mean(vectors: torch.Tensor, beta: int) -> torch.Tensor:
@@ -122,6 +127,7 @@ class BulyanStrategy(RobustAggregation):
     values closest to the median."""
 
     filtering = True  # clients left out of the aggregate are reported as rejected
+    shares_gram = True
 
     def __init__(self, num_malicious: int = DEFAULT_NUM_MALICIOUS, selection: str = DEFAULT_SELECTION,
                  **kwargs) -> None:
@@ -143,9 +149,12 @@ class BulyanStrategy(RobustAggregation):
         keys = self.keys_for_vectors(reference)
         # stage 1 on the models (distances do not need the reference), stage 2 on the updates of the
         # selected clients, over column blocks (no copy of the selected rows as a whole)
-        vectors, rows, centre = update_vectors(updates, keys, reference)
-        selected_idx = bulyan_select(vectors, f, self.selection, rows, centre)
+        sq_distances = sq_distances_from_gram(centred_gram(updates, keys, reference))
         theta, beta = bulyan_sizes(n, f)
+        if self.selection == "krum":
+            selected_idx = iterative_krum_select_from_distances(sq_distances, f, theta)
+        else:
+            selected_idx = rank_by_score(krum_scores_from_distances(sq_distances, f))[:theta]
         aggregate = coordinatewise_rule(lambda block: closest_to_median_mean(block, beta), reference, updates, keys,
                                         rows_of=selected_idx.tolist())
         selected = [updates[i] for i in selected_idx.tolist()]

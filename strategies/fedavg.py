@@ -4,13 +4,14 @@ https://arxiv.org/abs/1602.05629)."""
 
 from __future__ import annotations
 
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, mean_of
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_mean
 
 
 class FedAvgStrategy(RobustAggregation):
     """Weighted mean by `num-examples` over the full state dict (integer buffers by max)."""
 
     category = "none"
+    shares_example_sum = True  # the mean comes from the round's validation pass (base.example_mean)
 
     def aggregate_updates(self, server_round: int, global_state, updates: list[ClientUpdate]) -> AggregationOutcome:
-        return mean_of(updates, example_weights(updates))
+        return example_mean(updates)

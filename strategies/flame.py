@@ -48,6 +48,7 @@ from strategies.aggregation import (
     COLUMN_BLOCK,
     StateDict,
     apply_update,
+    row_block,
     row_statistics,
     weighted_average_states,
     weighted_row_sum,
@@ -70,7 +71,7 @@ def pairwise_cosine_distances(vectors: torch.Tensor) -> torch.Tensor:
     n = vectors.shape[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
     for start in range(0, vectors.shape[1], COLUMN_BLOCK):
-        block = vectors[:, start:start + COLUMN_BLOCK].to(torch.float64)
+        block = row_block(vectors, None, start, start + COLUMN_BLOCK).to(torch.float64)
         gram += block @ block.T
     norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(_EPS)
     dist = (1.0 - gram / (norms[:, None] * norms[None, :])).clamp(0.0, 2.0)
@@ -172,6 +173,8 @@ def round_generator(seed: int, server_round: int) -> torch.Generator:
 class FlameStrategy(AnomalyDetection):
     """FLAME: majority cosine cluster of the models, median-norm clipping, adaptive Gaussian noise."""
 
+    shares_example_sum = False  # its aggregate is a clipped mean of its own
+
     def __init__(self, noise_lambda: float = NOISE_LAMBDA, seed: int = SEED, **kwargs) -> None:
         super().__init__(**kwargs)
         self.noise_lambda = float(noise_lambda)
@@ -183,7 +186,7 @@ class FlameStrategy(AnomalyDetection):
 
     def admitted_mask(self, updates: list[ClientUpdate], keys: list[str], global_state: StateDict) -> torch.Tensor:
         models, rows, _ = update_vectors(updates, keys, global_state)  # read-only view
-        models = models if rows is None else models[rows]
+        models = models if rows is None else models[rows]  # rows: only for hand-built updates
         return majority_cluster(pairwise_cosine_distances(models), len(updates) // 2 + 1)
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:

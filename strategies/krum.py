@@ -34,14 +34,14 @@ from logging import WARNING
 import torch
 from flwr.common import log
 
-from strategies.aggregation import COLUMN_BLOCK, StateDict, columnwise, row_block
+from strategies.aggregation import StateDict, columnwise, gram_matrix
 from strategies.base import (
     AggregationOutcome,
     AnomalyDetection,
     ClientUpdate,
-    example_weights,
+    centred_gram,
+    example_mean,
     mean_of,
-    update_vectors,
 )
 
 DEFAULT_NUM_MALICIOUS = 3     # f: Byzantine clients tolerated
@@ -55,21 +55,17 @@ def pairwise_sq_distances(vectors: torch.Tensor, rows: torch.Tensor | None = Non
     """(n, d) -> (n, n) float64 squared Euclidean distances, exactly symmetric with a zero diagonal.
     With `rows`, the distances between vectors[rows].
 
-    One Gram matrix of the rows minus a common centre: distances do not change, and centring keeps
-    |x|² + |y|² - 2x·y from cancelling catastrophically when the models are far from the origin and
-    close to each other. The centre is the rows' mean, or `centre` when given (the global model, which
-    every client model is close to, saves the pass over the matrix that the mean costs). The Gram matrix
-    is accumulated over column blocks (float32 products, float64 sums): no centred copy of a
-    100 x 11 M matrix is ever made."""
-    n = vectors.shape[0] if rows is None else len(rows)
-    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
-    if n == 0:
-        return gram
-    if centre is None:
+    From one Gram matrix of the rows minus a common centre (`aggregation.gram_matrix`): distances do not
+    change, and centring keeps |x|² + |y|² - 2x·y from cancelling catastrophically when the models are far
+    from the origin and close to each other. The centre is the rows' mean, or `centre` when given (the
+    global model, which every client model is close to, saves the pass over the matrix that the mean costs)."""
+    if centre is None and (vectors.shape[0] if rows is None else len(rows)):
         centre = columnwise(vectors, lambda block: block.mean(dim=0), rows=rows)
-    for start in range(0, vectors.shape[1], COLUMN_BLOCK):
-        block = row_block(vectors, rows, start, start + COLUMN_BLOCK) - centre[start:start + COLUMN_BLOCK]
-        gram += (block @ block.T).to(torch.float64)
+    return sq_distances_from_gram(gram_matrix(vectors, rows, centre))
+
+
+def sq_distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """(n, n) Gram matrix of centred vectors -> their (n, n) squared distances (symmetric, zero diagonal)."""
     sq_norms = gram.diagonal()
     d2 = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)
     d2 = (d2 + d2.T) / 2
@@ -127,6 +123,8 @@ class MultiKrumStrategy(AnomalyDetection):
     `weighted=False`); the others are rejected."""
 
     rule = "multikrum"
+    shares_gram = True          # Krum's distances come from the round's validation pass
+    shares_example_sum = True   # and so does the sum the kept models' mean starts from
 
     def __init__(self, num_malicious: int = DEFAULT_NUM_MALICIOUS, num_selected: int | None = DEFAULT_NUM_SELECTED,
                  weighted: bool = DEFAULT_WEIGHTED, **kwargs) -> None:
@@ -154,8 +152,8 @@ class MultiKrumStrategy(AnomalyDetection):
                 server_round, self.rule, f, 2 * f + 2, n, num_neighbours(n, f))
         keys = self.keys_for_vectors(updates[0].state)
         # distances between models equal distances between updates; the global model only centres them
-        vectors, rows, centre = update_vectors(updates, keys, global_state or updates[0].state)
-        scores = krum_scores(vectors, f, rows, centre)
+        gram = centred_gram(updates, keys, global_state or updates[0].state)
+        scores = krum_scores_from_distances(sq_distances_from_gram(gram), f)
         return rank_by_score(scores).tolist(), self.selected_count(n)
 
     def _rejections(self, updates: list[ClientUpdate], order: list[int], m: int) -> dict[int, str]:
@@ -172,8 +170,7 @@ class MultiKrumStrategy(AnomalyDetection):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         order, m = self._ranking(server_round, updates, global_state)
         kept = [updates[i] for i in order[:m]]
-        weights = example_weights(kept) if self.weighted else torch.ones(len(kept), dtype=torch.float64)
-        outcome = mean_of(kept, weights)
+        outcome = example_mean(kept) if self.weighted else mean_of(kept, torch.ones(len(kept), dtype=torch.float64))
         outcome.rejected = self._rejections(updates, order, m)
         outcome.weights.update({node: 0.0 for node in outcome.rejected})
         outcome.info = {"num_selected": float(m),
@@ -185,6 +182,7 @@ class KrumStrategy(MultiKrumStrategy):
     """Keep the single client with the lowest Krum score: its model is the new global model."""
 
     rule = "krum"
+    shares_example_sum = False  # the kept model is one client's: no mean
 
     def __init__(self, num_malicious: int = DEFAULT_NUM_MALICIOUS, **kwargs) -> None:
         super().__init__(num_malicious=num_malicious, num_selected=1, **kwargs)

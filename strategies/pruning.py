@@ -59,8 +59,7 @@ from strategies.base import (
     ClientHalf,
     ClientUpdate,
     PostTrainingDefense,
-    example_weights,
-    mean_of,
+    example_mean,
 )
 
 ACTIVATIONS_ACTION = "pruning_activations"   # query.pruning_activations: phase 1a
@@ -358,6 +357,7 @@ class FederatedPruningStrategy(PostTrainingDefense):
     `every`-th training round before the last (`num_rounds`) and holds the mask from then on."""
 
     client_half = PruningClientHalf
+    shares_example_sum = True  # the FedAvg mean comes from the round's validation pass (base.example_mean)
 
     def __init__(self, agg: str = "mean_activation", accuracy_agg: str = "weighted_mean",
                  tolerance: float = DEFAULT_TOLERANCE, rates: list[float] | None = None,
@@ -411,7 +411,7 @@ class FederatedPruningStrategy(PostTrainingDefense):
     # the mean (a client that ignored the mask, or an attacker, cannot revive them)
     def aggregate_updates(self, server_round: int, global_state: StateDict,
                           updates: list[ClientUpdate]) -> AggregationOutcome:
-        outcome = mean_of(updates, example_weights(updates))
+        outcome = example_mean(updates)
         if self.keep is not None:
             outcome.state = apply_mask(outcome.state, find_pruning_target(outcome.state), self.keep)
             outcome.info = {**outcome.info, "n_pruned_held": int((~self.keep).sum())}
