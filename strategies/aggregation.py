@@ -180,6 +180,38 @@ def lane_trimmed_mean(values: np.ndarray, k: int) -> np.ndarray:
     return middle.mean(axis=1)
 
 
+def lane_closest_to_median_mean(values: np.ndarray, beta: int) -> np.ndarray:
+    """(c, θ) -> (c,): the mean of the `beta` values of each lane closest to the lane's median (Bulyan's
+    second stage), 0 < beta < θ.
+
+    The beta values closest to the median are a window of the sorted lane around it: they drop k = θ - beta
+    values, some of the k smallest and the rest of the k largest. So the sorted positions [k, θ - k) are always
+    kept, and the k extremes kept are the k of the 2k extreme values closest to the median. Three selections
+    (the median, then the k smallest and the k largest on half lanes) replace arg-partitioning a (c, θ) matrix
+    of distances, about 3x faster. When 2k >= θ (only a few clients) there is no such middle: by distances."""
+    theta = values.shape[1]
+    k = theta - beta
+    if 2 * k >= theta:
+        median = lane_median(values)
+        closest = np.argpartition(np.abs(values - median[:, None]), beta - 1, axis=1)[:, :beta]
+        return np.take_along_axis(values, closest, axis=1).mean(axis=1)
+    # one selection at the (upper) median splits each lane in halves; the k smallest come from the lower
+    # half, the k largest from the upper one (NumPy's partition at several positions at once is far slower
+    # than these single-position selections on half lanes)
+    middle = theta // 2
+    part = np.partition(values, middle, axis=1)
+    upper = part[:, middle]
+    median = upper if theta % 2 else (part[:, :middle].max(axis=1) + upper) / 2
+    low = np.partition(part[:, :middle], k - 1, axis=1)                   # low[:, :k]: the k smallest
+    high = np.partition(part[:, middle + 1:], theta - middle - 1 - k, axis=1)
+    high_start = theta - middle - 1 - k                                   # high[:, high_start:]: the k largest
+    extremes = np.concatenate([low[:, :k], high[:, high_start:]], axis=1)  # (c, 2k)
+    nearest = np.argpartition(np.abs(extremes - median[:, None]), k - 1, axis=1)[:, :k]
+    kept = (low[:, k:].sum(axis=1, dtype=np.float64) + upper + high[:, :high_start].sum(axis=1, dtype=np.float64)
+            + np.take_along_axis(extremes, nearest, axis=1).sum(axis=1, dtype=np.float64))
+    return (kept / beta).astype(values.dtype)
+
+
 class Float64Blocks:
     """Column blocks converted to float64 in one reused buffer.
 

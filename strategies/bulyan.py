@@ -30,11 +30,10 @@ from __future__ import annotations
 
 from logging import WARNING
 
-import numpy as np
 import torch
 from flwr.common import log
 
-from strategies.aggregation import StateDict, lane_median, lanes
+from strategies.aggregation import StateDict, lane_closest_to_median_mean, lanes
 from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, centred_gram
 from strategies.krum import (
     DEFAULT_NUM_MALICIOUS,
@@ -80,10 +79,8 @@ def closest_to_median_mean(vectors: torch.Tensor, beta: int) -> torch.Tensor:
         median = coordinate_median(vectors)
         closest = torch.topk((vectors - median).abs(), beta, dim=0, largest=False).indices
         return torch.gather(vectors, 0, closest).mean(dim=0)
-    values = lanes(vectors)  # (d, θ): selections along contiguous lanes (aggregation.lanes)
-    distance = np.abs(values - lane_median(values)[:, None])
-    closest = np.argpartition(distance, beta - 1, axis=1)[:, :beta]
-    return torch.from_numpy(np.take_along_axis(values, closest, axis=1).mean(axis=1))
+    # (d, θ): selections along contiguous lanes (aggregation.lanes)
+    return torch.from_numpy(lane_closest_to_median_mean(lanes(vectors), beta))
 
 
 def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:

@@ -3,11 +3,13 @@ equivalence with Flower 1.41's `FedMedian` and `FedTrimmedAvg` on the same rando
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flower_messages import assert_same, replies_for, run_thorn
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
+from strategies.aggregation import lane_closest_to_median_mean
 from strategies.median import MedianStrategy, coordinate_median
 from strategies.trimmed_mean import TrimmedMeanStrategy, trimmed_count, trimmed_mean
 
@@ -139,3 +141,24 @@ def test_integer_only_buffers_take_the_max(flower_task_identity):
         out = run_thorn(strategy, states, [10] * 5, g)
         torch.testing.assert_close(out["fc.weight"], torch.tensor([2.0, 4.0, 6.0]))
         assert out["steps"].item() == 4
+
+
+@pytest.mark.parametrize("theta", [3, 4, 7, 10, 11, 25])
+def test_closest_to_median_mean_by_selections_equals_the_definition(theta):
+    """aggregation.lane_closest_to_median_mean against the definition (sort each lane by distance to its
+    median, average the beta nearest), for every beta, odd and even lanes, and lanes with repeated values."""
+    rng = np.random.default_rng(theta)
+    values = rng.standard_normal((200, theta)).astype(np.float32)
+    values[:50] = np.round(values[:50])  # ties in value
+    compared = 0
+    for beta in range(1, theta):
+        median = np.median(values.astype(np.float64), axis=1)
+        order = np.argsort(np.abs(values - median[:, None]), axis=1, kind="stable")[:, :beta]
+        expected = np.take_along_axis(values.astype(np.float64), order, axis=1).mean(axis=1)
+        got = lane_closest_to_median_mean(values, beta)
+        # a tie in distance at the beta-th place (m - d and m + d) makes either choice right: compare the rest
+        distances = np.sort(np.abs(values - median[:, None]), axis=1)
+        tied = distances[:, beta - 1] == distances[:, beta]
+        compared += int((~tied).sum())
+        np.testing.assert_allclose(got[~tied], expected[~tied], rtol=1e-5, atol=1e-6, err_msg=f"beta={beta}")
+    assert compared > 100 * (theta - 2)  # (for even lanes, beta = 1 is always a tie: the two middle values)

@@ -225,3 +225,47 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(flower_tas
     forward, backward = run(replies), run([replies[i] for i in (4, 0, 6, 2, 3, 5, 1)])
     for k in forward:
         torch.testing.assert_close(forward[k], backward[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "krum", "multikrum", "bulyan", "dnc", "pruning"])
+@pytest.mark.parametrize("bad", [{5: "shape"}, {5: "shape", 7: "nan"}])
+def test_the_validation_pass_statistics_give_the_aggregate_of_separate_passes(flower_task_identity, name, bad):
+    """Krum's Gram matrix and the example-weighted sum computed by the round's validation pass (shares_gram,
+    shares_example_sum) give what computing them afresh gives, with rows left out for a NaN (whose row is in
+    the pass) or a wrong shape (whose row is not)."""
+    model, global_state, replies = round_of_replies(11, seed=7, bad=bad)
+    cfg = compose_config([f"strategy={name}", "num_clients=11", "min_train_clients=1", "strategy.num_malicious=1"]
+                         if name in ("krum", "multikrum", "bulyan") else
+                         [f"strategy={name}", "num_clients=11", "min_train_clients=1"])
+
+    def run(**attributes):
+        strategy = build_strategy(cfg)
+        strategy.trainable_keys = trainable_state_keys(model)
+        strategy.global_state = global_state
+        for key, value in attributes.items():
+            setattr(strategy, key, value)
+        arrays, _ = strategy.aggregate_train(3, replies)
+        return arrays.to_torch_state_dict(), strategy.last_report
+
+    shared, shared_report = run()
+    separate, separate_report = run(shares_gram=False, shares_example_sum=False)
+    assert shared_report.rejected == separate_report.rejected and shared_report.invalid == separate_report.invalid
+    for k in shared:
+        torch.testing.assert_close(shared[k], separate[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_krum_takes_its_distances_from_the_validation_pass(flower_task_identity, monkeypatch):
+    model, global_state, replies = round_of_replies(9, seed=2, bad={4: "nan"})
+    strategy = build_strategy(compose_config(["strategy=multikrum", "num_clients=9", "strategy.num_malicious=1"]))
+    strategy.trainable_keys = trainable_state_keys(model)
+    strategy.global_state = global_state
+    expected, _ = strategy.aggregate_train(1, replies)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the Gram matrix was computed again")
+
+    monkeypatch.setattr("strategies.base.gram_matrix", no_second_pass)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert list(strategy.last_report.invalid) == [104]
+    for k, v in arrays.to_torch_state_dict().items():
+        torch.testing.assert_close(v, expected.to_torch_state_dict()[k], rtol=0, atol=0)
