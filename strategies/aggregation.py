@@ -233,6 +233,22 @@ class Float64Blocks:
         return out
 
 
+def select_columns(matrix, index: torch.Tensor, rows: torch.Tensor | None = None,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, len(index)) float32: the columns `index` (any order, repeats allowed) of matrix[rows] - offset, in
+    one pass over the column blocks that hold any of them (no copy of the whole matrix)."""
+    n = matrix.shape[0] if rows is None else len(rows)
+    out = torch.empty((n, len(index)), dtype=torch.float32, device=matrix.device)
+    order = torch.argsort(index)
+    wanted = index[order]
+    for start in range(0, matrix.shape[1], COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, matrix.shape[1])
+        lo, hi = (int(i) for i in torch.searchsorted(wanted, torch.tensor([start, end])))
+        if lo < hi:
+            out[:, order[lo:hi]] = row_block(matrix, rows, start, end, offset)[:, wanted[lo:hi] - start]
+    return out
+
+
 def gram_matrix(matrix, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     """(n, n) float64 Gram matrix G[i, j] = (x_i - offset)·(x_j - offset) of the rows of matrix[rows],
     accumulated over column blocks: float32 products within a block (one matrix product, the fast path on a

@@ -33,8 +33,8 @@ import zlib
 import numpy as np
 import torch
 
-from strategies.aggregation import StateDict, update_matrix
-from strategies.base import AnomalyDetection, ClientUpdate
+from strategies.aggregation import StateDict, select_columns
+from strategies.base import AnomalyDetection, ClientUpdate, update_vectors
 
 # ---- defaults (the config keys, conf/strategy/dnc.yaml) -------------------------------------------
 NITERS = 5               # iterations (random subsets)
@@ -60,16 +60,20 @@ def outlier_scores(sub: torch.Tensor) -> torch.Tensor:
 
 
 def dnc_good_mask(updates: torch.Tensor, niters: int, subsample_dim: int, n_remove: int,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Bool mask (n,) of the clients kept in every iteration."""
-    n, d = updates.shape
+                  generator: torch.Generator, rows: torch.Tensor | None = None,
+                  offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask (n,) of the clients kept in every iteration, for the rows of updates[rows] - offset. Every
+    iteration's coordinates are drawn first and read in one pass (`select_columns`): no copy of the matrix."""
+    n, d = (updates.shape[0] if rows is None else len(rows)), updates.shape[1]
     keep = max(n - n_remove, 1)
     good = torch.ones(n, dtype=torch.bool)
-    for _ in range(niters):
-        if subsample_dim >= d:
-            sub = updates
-        else:
-            sub = updates[:, torch.randperm(d, generator=generator)[:subsample_dim].sort().values]
+    subsets = [torch.arange(d) if subsample_dim >= d
+               else torch.randperm(d, generator=generator)[:subsample_dim].sort().values for _ in range(niters)]
+    columns = select_columns(updates, torch.cat(subsets), rows, offset)
+    first = 0
+    for subset in subsets:
+        sub = columns[:, first:first + len(subset)]
+        first += len(subset)
         order = torch.argsort(outlier_scores(sub), stable=True)
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[order[:keep]] = True
@@ -110,9 +114,9 @@ class DnCStrategy(AnomalyDetection):
                              "allowed: clients per round - filter_frac * num_malicious >= 1")
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
-        matrix = update_matrix([u.state for u in updates], global_state, self.keys_for_vectors(global_state))
+        models, rows, reference = update_vectors(updates, self.keys_for_vectors(global_state), global_state)
         n_remove = num_removed(self.filter_frac, self.num_malicious)
         generator = round_generator(self.seed, server_round)
-        good = dnc_good_mask(matrix, self.niters, self.subsample_dim, n_remove, generator)
+        good = dnc_good_mask(models, self.niters, self.subsample_dim, n_remove, generator, rows, reference)
         return {u.node_id: "spectral outlier on a random coordinate subset (DnC)"
                 for u, ok in zip(updates, good, strict=True) if not ok}

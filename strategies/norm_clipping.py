@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.aggregation import StateDict, apply_update, update_matrix, weighted_average_states
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights
+from strategies.aggregation import StateDict, row_statistics, weighted_row_sum
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
+from strategies.median import robust_state
 
 DEFAULTS: dict[str, Any] = {
     "norm_bound": 2.0,     # M: the largest L2 norm an update keeps
@@ -33,19 +34,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def clip_updates(updates: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale each row of an (n, d) update matrix to L2 norm <= bound. Returns (clipped, norms before)."""
-    x = updates.to(torch.float64)
-    norms = torch.linalg.vector_norm(x, dim=1)
-    scale = (bound / norms.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
-    return x * scale[:, None], norms
+def clip_scales(norms: torch.Tensor, bound: float) -> torch.Tensor:
+    """min(1, bound / |u_i|) per update norm (1 for a zero update): the factor that clips u_i to the bound."""
+    return (bound / norms.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
 
 
-def clipped_mean(updates: torch.Tensor, weights: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean (weights normalised here) of the clipped updates. Returns (mean (d,), norms before)."""
-    clipped, norms = clip_updates(updates, bound)
+def clipped_mean(updates: torch.Tensor, weights: torch.Tensor, bound: float, rows: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean (weights normalised here) of the updates clipped to L2 norm <= bound. The updates are the
+    rows of updates[rows] - offset (e.g. the round's models and the global model); norms and the mean are
+    float64 sums over column blocks, without a clipped copy of the matrix. Returns (mean (d,), norms before)."""
+    squares, _ = row_statistics(updates, rows, offset)
+    norms = squares.sqrt()
     w = weights.to(torch.float64)
-    return (w / w.sum()) @ clipped, norms
+    return weighted_row_sum(updates, (w / w.sum()) * clip_scales(norms, bound), rows, offset), norms
 
 
 def gaussian_noise(numel: int, std: float, seed: int, server_round: int) -> torch.Tensor:
@@ -75,11 +77,10 @@ class NormClippingStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         weights = example_weights(updates)
-        deltas = update_matrix([u.state for u in updates], global_state, keys)
-        mean, norms = clipped_mean(deltas, weights, self.norm_bound)
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
+        mean, norms = clipped_mean(models, weights, self.norm_bound, rows, reference)
         mean, extra_info = self.perturb(server_round, mean)
-        buffers = weighted_average_states([u.state for u in updates], weights)
-        state = apply_update(global_state, mean, keys, buffers_from=buffers)
+        state = robust_state(global_state, keys, mean, updates)  # BatchNorm statistics: example-weighted FedAvg
         w = weights / weights.sum()
         info = {"norm_bound": self.norm_bound, "clipped": float((norms > self.norm_bound).sum()),
                 "mean_norm": float(norms.mean()), "max_norm": float(norms.max()), **extra_info}

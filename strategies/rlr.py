@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from strategies.aggregation import StateDict, apply_update, update_matrix, weighted_average_states
-from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights
+from strategies.aggregation import COLUMN_BLOCK, Float64Blocks, StateDict, row_block
+from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation, example_weights, update_vectors
+from strategies.median import robust_state
 
 DEFAULTS: dict[str, Any] = {
     "threshold": 4,     # theta: the sign agreement a coordinate needs to keep +eta
@@ -42,12 +43,23 @@ def robust_learning_rate(updates: torch.Tensor, threshold: float, server_lr: flo
     return torch.where(agreement >= threshold, eta, -eta)
 
 
-def rlr_step(updates: torch.Tensor, weights: torch.Tensor, threshold: float,
-             server_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The server step lr * (weighted mean of the updates) and the learning rate itself (both (d,))."""
-    lr = robust_learning_rate(updates, threshold, server_lr)
+def rlr_step(updates: torch.Tensor, weights: torch.Tensor, threshold: float, server_lr: float,
+             rows: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The server step lr * (weighted mean of the updates), (d,) float64, and how many coordinates got -eta.
+    The updates are the rows of updates[rows] - offset; the vote and the mean are taken per column block in
+    float64 (the same per coordinate as on the whole matrix, without a float64 copy of it)."""
     w = weights.to(torch.float64)
-    return lr * ((w / w.sum()) @ updates.to(torch.float64)), lr
+    w = w / w.sum()
+    step = torch.empty(updates.shape[1], dtype=torch.float64, device=updates.device)
+    flipped = 0
+    as_float64 = Float64Blocks()
+    for start in range(0, updates.shape[1], COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, updates.shape[1])
+        block = as_float64(row_block(updates, rows, start, end), None if offset is None else offset[start:end])
+        lr = robust_learning_rate(block, threshold, server_lr)
+        step[start:end] = lr * (w @ block)
+        flipped += int((lr < 0).sum())
+    return step, flipped
 
 
 class RLRStrategy(RobustAggregation):
@@ -71,13 +83,11 @@ class RLRStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         weights = example_weights(updates)
-        deltas = update_matrix([u.state for u in updates], global_state, keys)
-        step, lr = rlr_step(deltas, weights, self.threshold, self.server_lr)
-        buffers = weighted_average_states([u.state for u in updates], weights)
-        state = apply_update(global_state, step, keys, buffers_from=buffers)
-        flipped = int((lr < 0).sum())
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
+        step, flipped = rlr_step(models, weights, self.threshold, self.server_lr, rows, reference)
+        state = robust_state(global_state, keys, step, updates)  # BatchNorm statistics: example-weighted FedAvg
         w = weights / weights.sum()
         return AggregationOutcome(
             state=state, weights={u.node_id: float(wi) for u, wi in zip(updates, w, strict=True)},
-            info={"flipped": float(flipped), "flipped_fraction": flipped / max(lr.numel(), 1),
+            info={"flipped": float(flipped), "flipped_fraction": flipped / max(step.numel(), 1),
                   "threshold": float(self.threshold)})

@@ -13,7 +13,7 @@ from strategies.geomed import GeoMedStrategy, geometric_median
 from strategies.norm_clipping import (
     NormClippingStrategy,
     WeakDPStrategy,
-    clip_updates,
+    clip_scales,
     clipped_mean,
     gaussian_noise,
 )
@@ -106,14 +106,19 @@ def test_geomed_preconditions_name_the_key():
 # ---- norm clipping / weak DP ---------------------------------------------------------------------
 def test_clip_scales_large_updates_to_the_bound_and_leaves_small_ones():
     updates = torch.tensor([[6.0, 8.0, 0.0], [0.3, 0.4, 0.0], [0.0, 0.0, 0.0]])
-    clipped, norms = clip_updates(updates, 2.0)
-    assert norms.tolist() == pytest.approx([10.0, 0.5, 0.0])
-    assert float(torch.linalg.vector_norm(clipped[0])) == pytest.approx(2.0, abs=1e-12)
-    assert torch.allclose(clipped[0], torch.tensor([1.2, 1.6, 0.0], dtype=torch.float64))
-    assert torch.equal(clipped[1], updates[1].to(torch.float64))
-    assert torch.equal(clipped[2], torch.zeros(3, dtype=torch.float64))
-    mean, _ = clipped_mean(updates, torch.tensor([1.0, 3.0, 0.0]), 2.0)
-    assert torch.allclose(mean, torch.tensor([0.525, 0.7, 0.0], dtype=torch.float64))  # (1.2 + 0.9)/4, (1.6 + 1.2)/4
+    assert clip_scales(torch.tensor([10.0, 0.5, 0.0], dtype=torch.float64), 2.0).tolist() == pytest.approx([0.2, 1, 1])
+    for weights, expected in (([1.0, 0.0, 0.0], [1.2, 1.6, 0.0]),     # clipped to norm 2
+                              ([0.0, 1.0, 0.0], [0.3, 0.4, 0.0]),     # left as it is
+                              ([1.0, 3.0, 0.0], [0.525, 0.7, 0.0])):  # (1.2 + 0.9)/4, (1.6 + 1.2)/4
+        mean, norms = clipped_mean(updates, torch.tensor(weights), 2.0)
+        assert norms.tolist() == pytest.approx([10.0, 0.5, 0.0])
+        assert torch.allclose(mean, torch.tensor(expected, dtype=torch.float64))
+    # the same on models and the global model they came from (the round's matrix), rows picked
+    offset = torch.tensor([1.0, -2.0, 0.5])
+    mean, norms = clipped_mean(updates + offset, torch.tensor([3.0, 1.0]), 2.0, rows=torch.tensor([1, 0]),
+                               offset=offset)
+    assert norms.tolist() == pytest.approx([0.5, 10.0]) and torch.allclose(mean, torch.tensor(
+        [0.525, 0.7, 0.0], dtype=torch.float64))
 
 
 def test_norm_clipping_end_to_end_ignores_batchnorm_buffers(flower_task_identity):

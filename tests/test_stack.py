@@ -13,6 +13,7 @@ from flower_messages import reply_to, train_message
 from flwr.app import Array
 
 from server.app import build_strategy
+from strategies.aggregation import select_columns
 from strategies.base import ClientUpdate, content_key, update_vectors
 from strategies.stack import ReplyStack, array_view
 from task.config import compose_config, group_options
@@ -269,3 +270,20 @@ def test_krum_takes_its_distances_from_the_validation_pass(flower_task_identity,
     assert list(strategy.last_report.invalid) == [104]
     for k, v in arrays.to_torch_state_dict().items():
         torch.testing.assert_close(v, expected.to_torch_state_dict()[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block", [3, 4, 1 << 18])
+def test_select_columns_reads_any_columns_of_either_kind_of_matrix(monkeypatch, block):
+    """aggregation.select_columns on a tensor and on the stack's columns: any order, repeats, rows, offset,
+    and column blocks smaller than the matrix (so indices fall in several blocks)."""
+    monkeypatch.setattr("strategies.aggregation.COLUMN_BLOCK", block)
+    template = {"a": torch.zeros(2, 3), "b": torch.zeros(5)}
+    gen = torch.Generator().manual_seed(1)
+    states = [{k: torch.randn(v.shape, generator=gen) for k, v in template.items()} for _ in range(3)]
+    stack = stack_of(states, template, ["a", "b"])
+    dense = torch.stack([torch.cat([s["a"].reshape(-1), s["b"]]) for s in states])
+    index, rows, offset = torch.tensor([10, 0, 4, 4, 7, 3]), torch.tensor([2, 0]), torch.randn(11, generator=gen)
+    expected = (dense[rows] - offset)[:, index]
+    for matrix in (dense, stack.columns([0, 1, 2])):
+        torch.testing.assert_close(select_columns(matrix, index, rows, offset), expected, rtol=0, atol=0)
+        torch.testing.assert_close(select_columns(matrix, index), dense[:, index], rtol=0, atol=0)
