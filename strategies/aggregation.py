@@ -249,17 +249,25 @@ def select_columns(matrix, index: torch.Tensor, rows: torch.Tensor | None = None
     return out
 
 
-def gram_matrix(matrix, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+def gram_matrix(matrix, rows: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                precise: bool = False) -> torch.Tensor:
     """(n, n) float64 Gram matrix G[i, j] = (x_i - offset)·(x_j - offset) of the rows of matrix[rows],
-    accumulated over column blocks: float32 products within a block (one matrix product, the fast path on a
-    CPU), float64 sums across blocks; no centred copy of the matrix is ever made. Centring on a vector the
-    rows are close to (their mean, the global model) keeps |x|² + |y|² - 2x·y from cancelling when distances
-    are derived from G."""
+    accumulated over column blocks; no centred copy of the matrix is ever made. Float32 products within a
+    block (one matrix product, the fast path on a CPU) and float64 sums across blocks; with `precise`, float64
+    products too (2-3x slower), for cosines of vectors that are nearly parallel (FLAME, FoolsGold). Centring
+    on a vector the rows are close to (their mean, the global model) keeps |x|² + |y|² - 2x·y from cancelling
+    when distances are derived from G."""
     n = matrix.shape[0] if rows is None else len(rows)
     gram = torch.zeros((n, n), dtype=torch.float64, device=matrix.device)
+    as_float64 = Float64Blocks() if precise else None
     for start in range(0, matrix.shape[1] if n else 0, COLUMN_BLOCK):
-        block = row_block(matrix, rows, start, start + COLUMN_BLOCK, offset)
-        gram += (block @ block.T).to(torch.float64)
+        end = min(start + COLUMN_BLOCK, matrix.shape[1])
+        if as_float64 is not None:
+            block = as_float64(row_block(matrix, rows, start, end), None if offset is None else offset[start:end])
+            gram += block @ block.T
+        else:
+            block = row_block(matrix, rows, start, end, offset)
+            gram += (block @ block.T).to(torch.float64)
     return gram
 
 

@@ -45,10 +45,9 @@ import numpy as np
 import torch
 
 from strategies.aggregation import (
-    COLUMN_BLOCK,
     StateDict,
     apply_update,
-    row_block,
+    gram_matrix,
     row_statistics,
     weighted_average_states,
     weighted_row_sum,
@@ -68,11 +67,7 @@ _EPS = 1e-12
 def pairwise_cosine_distances(vectors: torch.Tensor) -> torch.Tensor:
     """(n, n) matrix 1 - cos(v_i, v_j), in float64; a zero vector has cosine 0 to everything.
     From one float64 Gram matrix accumulated over column blocks: no float64 copy of the vectors."""
-    n = vectors.shape[0]
-    gram = torch.zeros((n, n), dtype=torch.float64, device=vectors.device)
-    for start in range(0, vectors.shape[1], COLUMN_BLOCK):
-        block = row_block(vectors, None, start, start + COLUMN_BLOCK).to(torch.float64)
-        gram += block @ block.T
+    gram = gram_matrix(vectors, precise=True)
     norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(_EPS)
     dist = (1.0 - gram / (norms[:, None] * norms[None, :])).clamp(0.0, 2.0)
     return dist.fill_diagonal_(0.0)

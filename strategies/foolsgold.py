@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from strategies.aggregation import StateDict, update_matrix
-from strategies.base import AggregationOutcome, ClientUpdate, Reweighting
+from strategies.aggregation import StateDict, gram_matrix, row_block
+from strategies.base import AggregationOutcome, ClientUpdate, Reweighting, update_vectors
+from strategies.stack import ReplyStack
 
 DEFAULTS: dict[str, Any] = {
     "confidence": 1.0,   # kappa: the confidence parameter of the logit
@@ -47,10 +48,16 @@ LOGIT_CAP = 0.99  # alpha = 1 becomes this before the logit
 def foolsgold_weights(histories: torch.Tensor, confidence: float = DEFAULTS["confidence"]) -> torch.Tensor:
     """FoolsGold's alpha (n,) float64 in [0, 1] for an (n, d) matrix of client histories."""
     h = histories.to(torch.float64)
-    n = h.shape[0]
-    norms = torch.linalg.vector_norm(h, dim=1)
-    unit = h / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]  # a zero history stays zero: cs 0
-    cs = (unit @ unit.T).clamp(-1.0, 1.0)
+    return foolsgold_weights_from_gram(h @ h.T, confidence)
+
+
+def foolsgold_weights_from_gram(gram: torch.Tensor, confidence: float = DEFAULTS["confidence"]) -> torch.Tensor:
+    """`foolsgold_weights` from the (n, n) float64 Gram matrix of the histories (what the strategy computes
+    over column blocks, without stacking the histories)."""
+    n = gram.shape[0]
+    norms = gram.diagonal().clamp_min(0.0).sqrt()
+    scale = (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    cs = (gram / scale).clamp(-1.0, 1.0)  # a zero history has cosine 0 with every other
     off_diagonal = ~torch.eye(n, dtype=torch.bool)
     masked = cs.masked_fill(~off_diagonal, float("-inf"))
     v = masked.amax(dim=1).clamp_min(0.0)                       # v_i = max_{j != i} cs_ij, floored at 0
@@ -91,11 +98,18 @@ class FoolsGoldStrategy(Reweighting):
 
     def client_weights(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> torch.Tensor:
         keys = self.keys_for_vectors(global_state)
-        deltas = update_matrix([u.state for u in updates], global_state, keys).cpu()
-        for u, delta in zip(updates, deltas, strict=True):
+        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
+        for i, u in enumerate(updates):  # one update at a time: no (clients x parameters) copy
+            delta = row_block(models, torch.tensor([i]) if rows is None else rows[i:i + 1], 0, models.shape[1],
+                              reference)[0]
             previous = self.histories.get(u.node_id)
             self.histories[u.node_id] = delta.clone() if previous is None else previous + delta
-        alpha = foolsgold_weights(torch.stack([self.histories[u.node_id] for u in updates]), self.confidence)
+        # the histories' Gram matrix over column blocks, read in place as the rows of a ReplyStack
+        histories = ReplyStack({"history": self.histories[updates[0].node_id]}, ["history"])
+        for u in updates:
+            histories.append({"history": self.histories[u.node_id]})
+        gram = gram_matrix(histories.columns(range(len(updates))), precise=True)
+        alpha = foolsgold_weights_from_gram(gram, self.confidence)
         fallback = not bool(alpha.sum() > 0)
         self._round_info = {"uniform_fallback": float(fallback), "zero_weight": float((alpha == 0).sum()),
                             "min_alpha": float(alpha.min()), "max_alpha": float(alpha.max())}
