@@ -128,9 +128,9 @@ def majority_cluster(dist: torch.Tensor, min_cluster_size: int) -> torch.Tensor:
     return mask
 
 
-def median_norm(updates: torch.Tensor) -> torch.Tensor:
-    """S_t = median of the rows' L2 norms (the mean of the two middle ones for even n)."""
-    return torch.quantile(updates.to(torch.float64).norm(dim=1), 0.5)
+def median_norm(norms: torch.Tensor) -> torch.Tensor:
+    """S_t = the median of the updates' L2 norms (the mean of the two middle ones for even n)."""
+    return torch.quantile(norms.to(torch.float64), 0.5)
 
 
 def clip_factors(norms: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
@@ -147,7 +147,7 @@ def flame_update(updates: torch.Tensor, admitted: torch.Tensor, noise_lambda: fl
     clipped mean are accumulated over column blocks in float64, without a float64 copy of the matrix."""
     squares, _ = row_statistics(updates, rows, offset)
     norms = squares.sqrt()
-    bound = torch.quantile(norms, 0.5)  # S_t: the median norm (median_norm)
+    bound = median_norm(norms)  # S_t
     gamma = clip_factors(norms[admitted], bound)
     weights = torch.zeros(len(norms), dtype=torch.float64)
     weights[admitted] = gamma / int(admitted.sum())

@@ -59,24 +59,15 @@ _EPS = 1e-12
 
 
 # ---- the math (pure, vectorised over the (n, d) update matrix) -----------------------------------
-def cosine_to_reference(updates: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """cos(g_i, g0) for each row of `updates` (n, d); 0 where either vector is zero."""
-    norms = updates.norm(dim=1) * reference.norm()
-    dots = updates @ reference
-    return torch.where(norms > _EPS, dots / norms.clamp_min(_EPS), torch.zeros_like(dots))
+def trust_scores(dots: torch.Tensor, norms: torch.Tensor, reference_norm: torch.Tensor) -> torch.Tensor:
+    """TS_i = ReLU(cos(g_i, g0)) from g_i·g0, ‖g_i‖ and ‖g0‖; 0 where either vector is zero."""
+    scale = norms * reference_norm
+    return torch.relu(torch.where(scale > _EPS, dots / scale.clamp_min(_EPS), torch.zeros_like(dots)))
 
 
-def trust_scores(updates: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """TS_i = ReLU(cos(g_i, g0))."""
-    return torch.relu(cosine_to_reference(updates, reference))
-
-
-def normalise_magnitudes(updates: torch.Tensor, target_norm: torch.Tensor | float) -> torch.Tensor:
-    """ĝ_i = g_i · target/‖g_i‖ (a zero update stays zero)."""
-    norms = updates.norm(dim=1, keepdim=True)
-    scale = torch.where(norms > _EPS, torch.as_tensor(target_norm, dtype=updates.dtype) / norms.clamp_min(_EPS),
-                        torch.zeros_like(norms))
-    return updates * scale
+def magnitude_factors(norms: torch.Tensor, reference_norm: torch.Tensor) -> torch.Tensor:
+    """‖g0‖ / ‖g_i‖: the factor that gives g_i the server update's norm (0 for a zero update)."""
+    return torch.where(norms > _EPS, reference_norm / norms.clamp_min(_EPS), torch.zeros_like(norms))
 
 
 def fltrust_aggregate(updates: torch.Tensor, server_update: torch.Tensor, rows: torch.Tensor | None = None,
@@ -89,15 +80,13 @@ def fltrust_aggregate(updates: torch.Tensor, server_update: torch.Tensor, rows: 
     g0 = server_update.to(torch.float64)
     squares, dots = row_statistics(updates, rows, offset, against=g0)
     norms, g0_norm = squares.sqrt(), g0.norm()
-    scale = norms * g0_norm
-    cos = torch.where(scale > _EPS, dots / scale.clamp_min(_EPS), torch.zeros_like(dots))
-    ts = torch.relu(cos)
+    ts = trust_scores(dots, norms, g0_norm)
     total = ts.sum()
     dtype = updates.dtype  # results in the input's precision, as computing on the matrix itself would give
     if float(total) <= 0.0:
         return None, ts.to(dtype)
-    magnitude = torch.where(norms > _EPS, g0_norm / norms.clamp_min(_EPS), torch.zeros_like(norms))
-    return weighted_row_sum(updates, ts * magnitude / total, rows, offset).to(dtype), ts.to(dtype)
+    weights = ts * magnitude_factors(norms, g0_norm) / total
+    return weighted_row_sum(updates, weights, rows, offset).to(dtype), ts.to(dtype)
 
 
 # ---- the strategy ---------------------------------------------------------------------------------

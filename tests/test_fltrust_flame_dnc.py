@@ -23,7 +23,7 @@ from strategies.flame import (
     minimum_spanning_tree,
     pairwise_cosine_distances,
 )
-from strategies.fltrust import FLTrustStrategy, fltrust_aggregate, normalise_magnitudes, trust_scores
+from strategies.fltrust import FLTrustStrategy, fltrust_aggregate, magnitude_factors, trust_scores
 from task.config import compose_config
 from task.data import InputSpec
 from task.train import LocalTrainingConfig
@@ -67,12 +67,26 @@ def tiny_context(seed: int = 0) -> ServerContext:
                          local=LocalTrainingConfig(epochs=1, lr=0.1, batch_size=8), seed=seed)
 
 
+def dense_trust_scores(updates: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
+    """The paper's TS_i = ReLU(cos(g_i, g0)) on a whole matrix (the reference the block-wise code must meet)."""
+    norms = updates.norm(dim=1) * g0.norm()
+    return torch.relu(torch.where(norms > 0, (updates @ g0) / norms.clamp_min(1e-300), torch.zeros_like(norms)))
+
+
+def dense_normalised(updates: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    """ĝ_i = g_i · ‖g0‖/‖g_i‖ on a whole matrix (a zero update stays zero)."""
+    norms = updates.norm(dim=1, keepdim=True)
+    return updates * torch.where(norms > 0, target_norm / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+
 def test_fltrust_math_on_hand_made_vectors():
     g0 = torch.tensor([2.0, 0.0], dtype=torch.float64)
     updates = torch.tensor([[3.0, 4.0], [-1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    assert torch.allclose(trust_scores(updates, g0), torch.tensor([0.6, 0.0, 0.0], dtype=torch.float64))
-    assert torch.allclose(normalise_magnitudes(updates, g0.norm()).norm(dim=1), torch.full((3,), 2.0,
-                                                                                          dtype=torch.float64))
+    norms = updates.norm(dim=1)
+    assert torch.allclose(trust_scores(updates @ g0, norms, g0.norm()), torch.tensor([0.6, 0.0, 0.0],
+                                                                                     dtype=torch.float64))
+    assert torch.allclose(magnitude_factors(norms, g0.norm()) * norms, torch.full((3,), 2.0, dtype=torch.float64))
+    assert magnitude_factors(torch.zeros(1, dtype=torch.float64), g0.norm()).tolist() == [0.0]
     aggregate, _ = fltrust_aggregate(updates, g0)
     assert torch.allclose(aggregate, torch.tensor([1.2, 1.6], dtype=torch.float64))
     # two trusted clients: (0.6 * [0.6, 0.8] + 1 * [1, 0]) / 1.6 with g0 = [1, 0]
@@ -157,7 +171,7 @@ def test_majority_cluster_matches_hdbscan_on_a_random_case():
 
 def test_median_norm_and_clip_factors():
     updates = torch.diag(torch.tensor([1.0, 2.0, 3.0, 10.0]))
-    assert float(median_norm(updates)) == pytest.approx(2.5)
+    assert float(median_norm(updates.norm(dim=1))) == pytest.approx(2.5)
     norms = updates.norm(dim=1).double()
     assert torch.allclose(clip_factors(norms, 2.5), torch.tensor([1.0, 1.0, 2.5 / 3, 0.25], dtype=torch.float64))
 
@@ -307,8 +321,8 @@ def test_blockwise_fltrust_and_flame_equal_their_formulas_on_the_whole_matrix(mo
     rows = torch.tensor([5, 0, 3, 2])
     updates = (models[rows] - offset).to(torch.float64)
     g0 = updates[1] + 0.1 * torch.randn(40, generator=gen, dtype=torch.float64)
-    ts = trust_scores(updates, g0)
-    expected = (ts / ts.sum()) @ normalise_magnitudes(updates, g0.norm())
+    ts = dense_trust_scores(updates, g0)
+    expected = (ts / ts.sum()) @ dense_normalised(updates, g0.norm())
     aggregate, blockwise_ts = fltrust_aggregate(models.to(torch.float64), g0, rows, offset)
     torch.testing.assert_close(blockwise_ts, ts)
     torch.testing.assert_close(aggregate, expected)
