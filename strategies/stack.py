@@ -29,18 +29,19 @@ import torch
 from strategies.aggregation import COLUMN_BLOCK, StateDict
 
 NPY_MAGIC = b"\x93NUMPY"
-_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
+_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int, int]] = {}
 _HEADER_CACHE_SIZE = 4096
 
 
-def _parse_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def _parse_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int, int]:
+    """(shape, Fortran order, dtype, offset of the data, number of entries) of a .npy payload."""
     buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     if version == (1, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(buffer)
     else:
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(buffer)
-    return shape, fortran_order, dtype, buffer.tell()
+    return shape, fortran_order, dtype, buffer.tell(), int(np.prod(shape, dtype=np.int64))
 
 
 def array_view(data: bytes) -> np.ndarray:
@@ -62,10 +63,9 @@ def array_view(data: bytes) -> np.ndarray:
         parsed = _parse_header(data)
         if key is not None and len(_HEADER_CACHE) < _HEADER_CACHE_SIZE:
             _HEADER_CACHE[key] = parsed
-    shape, fortran_order, dtype, offset = parsed
+    shape, fortran_order, dtype, offset, count = parsed
     if dtype.hasobject:
         raise ValueError("object arrays are not accepted")
-    count = int(np.prod(shape, dtype=np.int64))
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return flat.reshape(shape, order="F" if fortran_order else "C")
 
