@@ -41,12 +41,13 @@ from task.models import LeNet, ResNet18, trainable_state_keys  # noqa: E402
 from task.train import LocalTrainingConfig  # noqa: E402
 
 MODELS = {"lenet": (LeNet, 1, 28), "resnet18": (ResNet18, 3, 32)}
-FLOWER_EQUIVALENT = {  # thorn strategy -> (Flower class name, constructor kwargs given f)
-    "krum": ("Krum", lambda f: {"num_malicious_nodes": f}),
-    "multikrum": ("MultiKrum", lambda f: {"num_malicious_nodes": f}),
-    "bulyan": ("Bulyan", lambda f: {"num_malicious_nodes": f}),
-    "median": ("FedMedian", lambda f: {}),
-    "trimmed_mean": ("FedTrimmedAvg", lambda f: {"beta": 0.2}),
+FLOWER_EQUIVALENT = {  # thorn strategy -> (Flower class name, constructor kwargs given f and n)
+    "krum": ("Krum", lambda f, n: {"num_malicious_nodes": f}),
+    # thorn's default m = n - f (the paper's); Flower's MultiKrum defaults to m = 1, which is Krum
+    "multikrum": ("MultiKrum", lambda f, n: {"num_malicious_nodes": f, "num_nodes_to_select": n - f}),
+    "bulyan": ("Bulyan", lambda f, n: {"num_malicious_nodes": f}),
+    "median": ("FedMedian", lambda f, n: {}),
+    "trimmed_mean": ("FedTrimmedAvg", lambda f, n: {"beta": 0.2}),
 }
 
 
@@ -168,7 +169,7 @@ def main() -> None:
                 cls_name, kwargs = FLOWER_EQUIVALENT[name]
                 # the same f as thorn's rule (its config), so both solve the same problem
                 f = compose_config([f"strategy={name}"]).strategy.get("num_malicious", args.num_malicious)
-                flower = getattr(flower_strategies, cls_name)(**kwargs(int(f)))
+                flower = getattr(flower_strategies, cls_name)(**kwargs(int(f), n))
                 flower_seconds = time_call(lambda fresh, flower=flower: flower.aggregate_train(1, fresh),
                                            flower_repeats, setup=partial(fresh_replies, model, n))
                 row[3], row[4] = flower_seconds / seconds, flower_seconds

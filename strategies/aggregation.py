@@ -92,13 +92,6 @@ def default_trainable_keys(state: StateDict) -> list[str]:
     return [k for k, v in state.items() if torch.is_floating_point(v) and not k.endswith(BN_BUFFER_SUFFIXES)]
 
 
-def update_matrix(states: Sequence[StateDict], global_state: StateDict, keys: Sequence[str]) -> torch.Tensor:
-    """(clients, parameters) matrix of updates (local - global) over `keys` (trainable parameters)."""
-    matrix = flatten_states(states, keys)
-    matrix -= flatten_states([global_state], keys)[0]  # in place: no second (clients, parameters) matrix
-    return matrix
-
-
 def apply_update(global_state: StateDict, update: torch.Tensor, keys: Sequence[str],
                  buffers_from: StateDict | None = None) -> StateDict:
     """global + update on `keys`; every other entry from `buffers_from` (e.g. a FedAvg of the kept

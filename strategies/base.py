@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from strategies.aggregation import (
+    COLUMN_BLOCK,
     StateDict,
     default_trainable_keys,
     flatten_states,
@@ -572,14 +573,17 @@ def example_mean(updates: list[ClientUpdate]) -> AggregationOutcome:
     left_out = [r for r in range(stack.used) if r not in kept]
     if len(left_out) > len(updates):
         return mean_of(updates, weights)
-    # reference + (weighted sum - left-out rows) / kept examples, in place on one float64 vector
-    if left_out:
-        left_weights = torch.tensor([stack.sum_weights[r] for r in left_out], dtype=torch.float64)
-        vector = weighted_row_sum(stack.columns(left_out), left_weights, offset=stack.reference)
-        vector.neg_().add_(stack.weighted_sum)
-    else:
-        vector = stack.weighted_sum.clone()
-    vector.div_(float(weights.sum())).add_(stack.reference)
+    # reference + (weighted sum - left-out rows) / kept examples, block by block: the left-out rows are
+    # gathered minus the reference (small numbers, float32 products), the sums stay float64
+    left_weights = torch.tensor([stack.sum_weights[r] for r in left_out], dtype=torch.float32)
+    examples = float(weights.sum())
+    vector = torch.empty(stack.width, dtype=torch.float32)
+    for start in range(0, stack.width, COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, stack.width)
+        kept_sum = stack.weighted_sum[start:end]
+        if left_out:
+            kept_sum = kept_sum - (left_weights @ stack.gather(left_out, start, end, stack.reference)).to(torch.float64)
+        vector[start:end] = kept_sum / examples + stack.reference[start:end]
     if not math.isfinite(float(vector.sum())):  # a left-out row held NaN/Inf: it cannot be subtracted
         return mean_of(updates, weights)
     w = weights / weights.sum()

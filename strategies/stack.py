@@ -13,7 +13,7 @@ for vectors), then the other float32 entries (BatchNorm running statistics). Ent
 (`num_batches_tracked`, half-precision weights) stay ordinary tensors outside the matrix.
 
 READ-ONLY: the rows, and the `ClientUpdate.state` tensors they are made of, are the replies' own bytes. A
-defense that wants to change a client's model works on a copy (`tensor.clone()`, `update_matrix`, ...).
+defense that wants to change a client's model works on a copy (`tensor.clone()`, `StackColumns.dense()`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import bisect
 import io
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -71,7 +72,9 @@ def array_view(data: bytes) -> np.ndarray:
 
 
 class ReplyStack:
-    """The rows of one round: each the flat float32 entries of one accepted client model, in `keys` order."""
+    """The rows of one round: each the flat float32 entries of one client model, in `keys` order. Every reply
+    that passed the structural checks is a row, in the strategy's sorted order; the NaN/norm check then runs
+    over the rows (`summarise`), and a reply it rejects keeps its row, which no update refers to."""
 
     def __init__(self, template: StateDict, leading_keys: Sequence[str]) -> None:
         stacked = [k for k, v in template.items() if v.dtype == torch.float32]
@@ -151,13 +154,21 @@ class ReplyStack:
         return buffer[:rows * columns].view(rows, columns)
 
     def gather(self, rows: Sequence[int], start: int, end: int, offset: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
         """(len(rows), end - start) float32: columns [start, end) of those rows, minus offset[start:end] when
         given (a float32 (width,) vector, subtracted while copying). Written into `out`, else into this
-        thread's buffer, which its next call overwrites: use the result, or copy it, before gathering again."""
+        thread's buffer, which its next call overwrites: use the result, or copy it, before gathering again.
+        With a `pool` of two threads, each copies half of the rows (NumPy copies release the GIL)."""
         end = min(end, self.width)
         if out is None:
             out = self._buffer(len(rows), max(end - start, 0))
+        if pool is not None and len(rows) > 1:
+            half = len(rows) // 2
+            parts = [pool.submit(self.gather, rows[:half], start, end, offset, out[:half]),
+                     pool.submit(self.gather, rows[half:], start, end, offset, out[half:])]
+            for part in parts:
+                part.result()
+            return out
         target = out.numpy()
         segments = self._segments(start, end)
         shift = offset[start:end].numpy() if offset is not None else None
@@ -188,10 +199,11 @@ class ReplyStack:
         total = torch.empty(self.width, dtype=torch.float64) if w is not None else None
         ends = [width, self.width] if w is not None else [width]
         start = 0
+        pool = ThreadPoolExecutor(max_workers=2) if torch.get_num_threads() > 1 else None
         for end_of_part in ends:  # blocks split at `width`: the norms and the Gram cover [0, width) only
             while start < end_of_part:
                 end = min(start + COLUMN_BLOCK, end_of_part)
-                block = self.gather(rows, start, end, self.reference)
+                block = self.gather(rows, start, end, self.reference, pool=pool)
                 if end <= width:
                     if product is not None:
                         product += (block @ block.T).to(torch.float64)
@@ -200,6 +212,8 @@ class ReplyStack:
                 if total is not None:
                     total[start:end] = w @ block
                 start = end
+        if pool is not None:
+            pool.shutdown()
         if product is not None:
             squares = product.diagonal().clone()
         self.gram, self.gram_width = product, (width if gram else None)
@@ -210,16 +224,17 @@ class ReplyStack:
         return StackColumns(self, list(rows), self.width if width is None else width)
 
     def unflatten(self, vector: torch.Tensor) -> StateDict:
-        """A (width,) vector -> float32 tensors for every stacked key, shaped like the template: views of one
-        float32 copy of the vector (not of the vector itself)."""
-        values = vector.to(torch.float32, copy=True)
+        """A (width,) vector -> float32 tensors for every stacked key, shaped like the template: views of the
+        vector (of a float32 copy of it when it is not float32)."""
+        values = vector.to(torch.float32)
         return {k: values[start:end].view(self.shapes[k]) for k, (start, end) in self.offsets.items()}
 
 
 class StackColumns:
     """Rows `rows` of a ReplyStack over its first `width` columns: a read-only (len(rows), width) matrix that
     the column-block helpers of `strategies.aggregation` (`row_block`, `columnwise`, `row_statistics`,
-    `weighted_row_sum`) read block by block. `dense()` builds the whole matrix, for rules that need it."""
+    `weighted_row_sum`, `gram_matrix`, `select_columns`) read block by block. `dense()` copies the whole
+    matrix, for a rule that cannot work block by block (none of thorn's needs it)."""
 
     dtype = torch.float32
     device = torch.device("cpu")
