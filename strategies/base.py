@@ -501,21 +501,20 @@ def shared_stack(updates: list[ClientUpdate]) -> ReplyStack | None:
 
 
 def update_vectors(updates: list[ClientUpdate], keys: list[str],
-                   reference: StateDict) -> tuple[torch.Tensor | StackColumns, torch.Tensor | None, torch.Tensor]:
-    """(matrix, rows, reference vector): the clients' models over `keys` are matrix[rows] (every row of
-    `matrix` when rows is None), the reference model's (usually the global one) is the vector.
+                   reference: StateDict) -> tuple[torch.Tensor | StackColumns, torch.Tensor]:
+    """(matrix, reference vector): row i of the matrix is updates[i]'s model over `keys`, the vector is the
+    reference model's (usually the global one).
 
     READ-ONLY. When the updates are rows of the round's ReplyStack, `matrix` is a `StackColumns` over the
     replies' own bytes (no copy of 100 x 11 M floats), read through `aggregation.row_block` and the column-block
-    helpers; rows is then None. Otherwise it is a fresh float32 flattening."""
+    helpers. Otherwise it is a fresh float32 flattening."""
     stack = shared_stack(updates)
     width = stack.vectors_for(keys) if stack is not None else None
     if width is None:
-        return (flatten_states([u.state for u in updates], keys), None,
-                flatten_states([reference], keys)[0])
+        return flatten_states([u.state for u in updates], keys), flatten_states([reference], keys)[0]
     # the stack holds the global model it was built from in the same layout: no flattening needed
     reference_vector = stack.reference[:width] if reference is stack.template else flatten_states([reference], keys)[0]
-    return stack.columns([u.row for u in updates], width), None, reference_vector
+    return stack.columns([u.row for u in updates], width), reference_vector
 
 
 def centred_gram(updates: list[ClientUpdate], keys: list[str], reference: StateDict) -> torch.Tensor:
@@ -530,8 +529,8 @@ def centred_gram(updates: list[ClientUpdate], keys: list[str], reference: StateD
         gram = stack.gram[index][:, index]
         if bool(torch.isfinite(gram).all()):
             return gram
-    vectors, rows, reference_vector = update_vectors(updates, keys, reference)
-    return gram_matrix(vectors, rows, reference_vector)
+    vectors, reference_vector = update_vectors(updates, keys, reference)
+    return gram_matrix(vectors, offset=reference_vector)
 
 
 def mean_of(updates: list[ClientUpdate], weights: torch.Tensor) -> AggregationOutcome:

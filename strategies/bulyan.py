@@ -38,7 +38,6 @@ from strategies.base import AggregationOutcome, ClientUpdate, RobustAggregation,
 from strategies.krum import (
     DEFAULT_NUM_MALICIOUS,
     krum_scores_from_distances,
-    multikrum_select,
     pairwise_sq_distances,
     rank_by_score,
     sq_distances_from_gram,
@@ -50,12 +49,10 @@ SELECTIONS = ("krum", "multikrum")
 
 
 # ---- the math ------------------------------------------------------------------------------------
-def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int,
-                          rows: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
+def iterative_krum_select(vectors: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
     """(n, d) -> `count` indices, in the order recursive Krum picks them: Krum on the remaining set,
-    remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix.
-    With `rows`, among vectors[rows] (the indices returned are positions in `rows`)."""
-    return iterative_krum_select_from_distances(pairwise_sq_distances(vectors, rows, centre), num_malicious, count)
+    remove its pick, repeat. The loop runs over picks (at most n), on one (n, n) distance matrix."""
+    return iterative_krum_select_from_distances(pairwise_sq_distances(vectors), num_malicious, count)
 
 
 def iterative_krum_select_from_distances(sq_distances: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
@@ -89,21 +86,21 @@ def bulyan_sizes(n: int, num_malicious: int) -> tuple[int, int]:
     return theta, theta - 2 * num_malicious
 
 
-def bulyan_select(vectors: torch.Tensor, num_malicious: int, selection: str = DEFAULT_SELECTION,
-                  rows: torch.Tensor | None = None, centre: torch.Tensor | None = None) -> torch.Tensor:
-    """The θ = n - 2f indices Bulyan's first stage keeps (of vectors[rows] with `rows`)."""
-    n = vectors.shape[0] if rows is None else len(rows)
+def bulyan_select(sq_distances: torch.Tensor, num_malicious: int, selection: str = DEFAULT_SELECTION) -> torch.Tensor:
+    """The θ = n - 2f indices Bulyan's first stage keeps, from the (n, n) squared distances of the models:
+    recursive Krum ("krum", the paper's) or the θ best one-shot Krum scores ("multikrum", Flower's)."""
+    n = sq_distances.shape[0]
     check_bulyan_preconditions(n, num_malicious, selection)
     theta, _ = bulyan_sizes(n, num_malicious)
     if selection == "krum":
-        return iterative_krum_select(vectors, num_malicious, theta, rows, centre)
-    return multikrum_select(vectors if rows is None else vectors[rows], num_malicious, theta)
+        return iterative_krum_select_from_distances(sq_distances, num_malicious, theta)
+    return rank_by_score(krum_scores_from_distances(sq_distances, num_malicious))[:theta]
 
 
 def bulyan(vectors: torch.Tensor, num_malicious: int,
            selection: str = DEFAULT_SELECTION) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, d) -> ((d,) aggregate, the θ selected indices)."""
-    selected = bulyan_select(vectors, num_malicious, selection)
+    selected = bulyan_select(pairwise_sq_distances(vectors), num_malicious, selection)
     _, beta = bulyan_sizes(vectors.shape[0], num_malicious)
     return closest_to_median_mean(vectors[selected], beta), selected
 
@@ -146,12 +143,8 @@ class BulyanStrategy(RobustAggregation):
         keys = self.keys_for_vectors(reference)
         # stage 1 on the models (distances do not need the reference), stage 2 on the updates of the
         # selected clients, over column blocks (no copy of the selected rows as a whole)
-        sq_distances = sq_distances_from_gram(centred_gram(updates, keys, reference))
+        selected_idx = bulyan_select(sq_distances_from_gram(centred_gram(updates, keys, reference)), f, self.selection)
         theta, beta = bulyan_sizes(n, f)
-        if self.selection == "krum":
-            selected_idx = iterative_krum_select_from_distances(sq_distances, f, theta)
-        else:
-            selected_idx = rank_by_score(krum_scores_from_distances(sq_distances, f))[:theta]
         aggregate = coordinatewise_rule(lambda block: closest_to_median_mean(block, beta), reference, updates, keys,
                                         rows_of=selected_idx.tolist())
         selected = [updates[i] for i in selected_idx.tolist()]

@@ -114,9 +114,9 @@ class DnCStrategy(AnomalyDetection):
                              "allowed: clients per round - filter_frac * num_malicious >= 1")
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
-        models, rows, reference = update_vectors(updates, self.keys_for_vectors(global_state), global_state)
+        models, reference = update_vectors(updates, self.keys_for_vectors(global_state), global_state)
         n_remove = num_removed(self.filter_frac, self.num_malicious)
         generator = round_generator(self.seed, server_round)
-        good = dnc_good_mask(models, self.niters, self.subsample_dim, n_remove, generator, rows, reference)
+        good = dnc_good_mask(models, self.niters, self.subsample_dim, n_remove, generator, offset=reference)
         return {u.node_id: "spectral outlier on a random coordinate subset (DnC)"
                 for u, ok in zip(updates, good, strict=True) if not ok}

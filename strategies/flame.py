@@ -180,8 +180,7 @@ class FlameStrategy(AnomalyDetection):
             raise ValueError(f"strategy.noise_lambda={self.noise_lambda} is invalid; allowed: a number >= 0")
 
     def admitted_mask(self, updates: list[ClientUpdate], keys: list[str], global_state: StateDict) -> torch.Tensor:
-        models, rows, _ = update_vectors(updates, keys, global_state)  # read-only view
-        models = models if rows is None else models[rows]  # rows: only for hand-built updates
+        models, _ = update_vectors(updates, keys, global_state)  # read-only
         return majority_cluster(pairwise_cosine_distances(models), len(updates) // 2 + 1)
 
     def detect(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> dict[int, str]:
@@ -193,9 +192,9 @@ class FlameStrategy(AnomalyDetection):
         keys = self.keys_for_vectors(global_state)
         rejected = self.detect(server_round, global_state, updates)
         admitted = torch.tensor([u.node_id not in rejected for u in updates], dtype=torch.bool)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
         step, info = flame_update(models, admitted, self.noise_lambda, round_generator(self.seed, server_round),
-                                  rows=rows, offset=reference)
+                                  offset=reference)
         kept = [u for u, ok in zip(updates, admitted, strict=True) if ok]
         buffers = weighted_average_states([u.state for u in kept], example_weights(kept))
         state = apply_update(global_state, step.to(torch.float32), keys, buffers_from=buffers)

@@ -143,8 +143,8 @@ class FLTrustStrategy(RobustAggregation):
         keys = self.keys_for_vectors(global_state)
         server_state = self.server_model(server_round, global_state)
         g0 = (flatten_states([server_state], keys) - flatten_states([global_state], keys))[0].to(torch.float64)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
-        aggregate, ts = fltrust_aggregate(models, g0, rows, reference)
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
+        aggregate, ts = fltrust_aggregate(models, g0, offset=reference)
         rejected = {u.node_id: "trust score 0: cos(update, server update) <= 0"
                     for u, t in zip(updates, ts, strict=True) if float(t) <= 0.0}
         info = {"server_update_norm": float(g0.norm()), "n_trusted": float(len(updates) - len(rejected)),

@@ -98,10 +98,9 @@ class FoolsGoldStrategy(Reweighting):
 
     def client_weights(self, server_round: int, global_state: StateDict, updates: list[ClientUpdate]) -> torch.Tensor:
         keys = self.keys_for_vectors(global_state)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
         for i, u in enumerate(updates):  # one update at a time: no (clients x parameters) copy
-            delta = row_block(models, torch.tensor([i]) if rows is None else rows[i:i + 1], 0, models.shape[1],
-                              reference)[0]
+            delta = row_block(models, torch.tensor([i]), 0, models.shape[1], reference)[0]
             previous = self.histories.get(u.node_id)
             self.histories[u.node_id] = delta.clone() if previous is None else previous + delta
         # the histories' Gram matrix over column blocks, read in place as the rows of a ReplyStack

@@ -99,11 +99,12 @@ class GeoMedStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         alphas = example_weights(updates)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only view
-        median, beta, iterations = geometric_median(models, alphas, self.max_iter, self.nu, self.tol, rows, reference)
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
+        median, beta, iterations = geometric_median(models, alphas, self.max_iter, self.nu, self.tol,
+                                                    offset=reference)
         buffers = weighted_average_states([u.state for u in updates], alphas)
         state = apply_update(global_state, median, keys, buffers_from=buffers)
-        squares, _ = row_statistics(models, rows, reference.to(torch.float64) + median)
+        squares, _ = row_statistics(models, offset=reference.to(torch.float64) + median)
         objective = float((alphas / alphas.sum() * squares.clamp_min(0).sqrt()).sum())
         return AggregationOutcome(
             state=state, weights={u.node_id: float(b) for u, b in zip(updates, beta, strict=True)},

@@ -56,10 +56,8 @@ def coordinatewise_rule(rule, global_state: StateDict, updates: Sequence[ClientU
     """(d,): `rule` ((k, c) block -> (c,)) over column blocks of the updates (local - global) on `keys`;
     with `rows_of`, of those updates only (positions in `updates`). Never materialises the (n, d)
     matrix of updates: blocks of the models (views of the round's ReplyStack) minus the global model."""
-    matrix, rows, reference = update_vectors(list(updates), list(keys), global_state)
-    if rows_of is not None:
-        picked = torch.as_tensor(list(rows_of), dtype=torch.long)
-        rows = picked if rows is None else rows[picked]
+    matrix, reference = update_vectors(list(updates), list(keys), global_state)
+    rows = torch.as_tensor(list(rows_of), dtype=torch.long) if rows_of is not None else None
     return columnwise(matrix, rule, rows=rows, offset=reference, threads=torch.get_num_threads())
 
 

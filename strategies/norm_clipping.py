@@ -77,8 +77,8 @@ class NormClippingStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         weights = example_weights(updates)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
-        mean, norms = clipped_mean(models, weights, self.norm_bound, rows, reference)
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
+        mean, norms = clipped_mean(models, weights, self.norm_bound, offset=reference)
         mean, extra_info = self.perturb(server_round, mean)
         state = robust_state(global_state, keys, mean, updates)  # BatchNorm statistics: example-weighted FedAvg
         w = weights / weights.sum()

@@ -83,8 +83,8 @@ class RLRStrategy(RobustAggregation):
                           updates: list[ClientUpdate]) -> AggregationOutcome:
         keys = self.keys_for_vectors(global_state)
         weights = example_weights(updates)
-        models, rows, reference = update_vectors(updates, keys, global_state)  # read-only
-        step, flipped = rlr_step(models, weights, self.threshold, self.server_lr, rows, reference)
+        models, reference = update_vectors(updates, keys, global_state)  # read-only
+        step, flipped = rlr_step(models, weights, self.threshold, self.server_lr, offset=reference)
         state = robust_state(global_state, keys, step, updates)  # BatchNorm statistics: example-weighted FedAvg
         w = weights / weights.sum()
         return AggregationOutcome(
